@@ -1,0 +1,1 @@
+"""Attention backends behind one protocol; metadata reaches layers via forward_context."""

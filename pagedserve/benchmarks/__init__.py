@@ -1,0 +1,1 @@
+"""Benchmarks: bench throughput / latency, with vLLM-shaped output."""

@@ -1,0 +1,1 @@
+"""Engine: core loop, clients, input/output processing, offline LLM."""

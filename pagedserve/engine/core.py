@@ -1,0 +1,144 @@
+"""EngineCore: the scheduler and the model runner, one step at a time.
+
+The same ``step()`` runs in-process (offline ``LLM``, most tests) and inside the
+engine-core process behind ZMQ (the API server).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from pagedserve import platform
+from pagedserve.config import EngineConfig
+from pagedserve.core.request import Request, RequestStatus
+from pagedserve.core.scheduler import Scheduler
+from pagedserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from pagedserve.engine.messages import (
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    SchedulerStats,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    """Owns the scheduler and model runner; turns requests into per-step outputs."""
+
+    def __init__(self, engine_config: EngineConfig) -> None:
+        from pagedserve.worker.model_runner import ModelRunner
+
+        self.engine_config = engine_config
+        platform.configure_threads(engine_config.num_threads or None)
+        start = time.perf_counter()
+        self.model_runner = ModelRunner(engine_config)
+        self.model_runner.load_model()
+        self.model_runner.initialize_kv_cache()
+        self.load_seconds = time.perf_counter() - start
+        self.scheduler = Scheduler(
+            engine_config.scheduler_config, engine_config.cache_config
+        )
+        self._eos_token_ids = set(engine_config.model_config.eos_token_ids)
+        # Outputs for requests that ended outside a step (aborts), sent with the next step.
+        self._pending_outputs: list[EngineCoreOutput] = []
+
+    # ----------------------------------------------------------------- requests
+    def add_request(self, core_request: EngineCoreRequest) -> None:
+        params = core_request.sampling_params
+        params.update_from_generation_config(self._eos_token_ids)
+        request = Request(
+            request_id=core_request.request_id,
+            prompt_token_ids=core_request.prompt_token_ids,
+            sampling_params=params,
+            arrival_time=core_request.arrival_time,
+            priority=core_request.priority,
+            cache_salt=core_request.cache_salt,
+        )
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        """Abort at any time; the requests' blocks return to the pool at once."""
+        live = [rid for rid in request_ids if self.scheduler.get_request(rid) is not None]
+        self.scheduler.finish_requests(live, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # --------------------------------------------------------------------- step
+    def step(self) -> EngineCoreOutputs:
+        """Schedule, run the model once, and report what every request got."""
+        outputs = self._pending_outputs
+        self._pending_outputs = []
+        if not self.scheduler.has_unfinished_requests():
+            return EngineCoreOutputs(outputs, self.make_stats(0), time.time())
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty:
+            return EngineCoreOutputs(outputs, self.make_stats(0), time.time())
+        try:
+            runner_output = self.model_runner.execute_model(scheduler_output)
+        except Exception:
+            logger.exception("model execution failed; failing the %d requests of this step",
+                             len(scheduler_output.scheduled_requests))
+            failed = [r.request_id for r in scheduler_output.scheduled_requests]
+            self.scheduler.finish_requests(failed, RequestStatus.FINISHED_ERROR)
+            outputs.extend(
+                EngineCoreOutput(request_id=rid, new_token_ids=[], finish_reason="error")
+                for rid in failed
+            )
+            return EngineCoreOutputs(outputs, self.make_stats(0), time.time())
+        updated = self.scheduler.update_from_output(scheduler_output, runner_output)
+        outputs.extend(self._make_outputs(scheduler_output, runner_output, updated))
+        return EngineCoreOutputs(
+            outputs,
+            self.make_stats(scheduler_output.total_num_scheduled_tokens),
+            time.time(),
+        )
+
+    def _make_outputs(
+        self,
+        scheduler_output: SchedulerOutput,
+        runner_output: ModelRunnerOutput,
+        updated: list[Request],
+    ) -> list[EngineCoreOutput]:
+        results: list[EngineCoreOutput] = []
+        updated_ids = {r.request_id for r in updated}
+        sampled = runner_output.sampled_token_ids
+        for request in updated:
+            rid = request.request_id
+            token = sampled.get(rid)
+            logprobs = runner_output.logprobs.get(rid)
+            results.append(
+                EngineCoreOutput(
+                    request_id=rid,
+                    new_token_ids=[token] if token is not None else [],
+                    new_logprobs=[logprobs] if (logprobs is not None and token is not None) else None,
+                    new_prompt_logprobs=runner_output.prompt_logprobs.get(rid),
+                    finish_reason=request.get_finished_reason(),
+                    stop_reason=request.stop_reason,
+                    num_cached_tokens=max(request.num_cached_tokens, 0),
+                    first_scheduled_time=request.first_scheduled_time,
+                    num_preemptions=request.num_preemptions,
+                )
+            )
+        # Prompt logprobs of partial prefill chunks travel even without a sampled token.
+        for rid, chunk in runner_output.prompt_logprobs.items():
+            if rid not in updated_ids:
+                results.append(
+                    EngineCoreOutput(request_id=rid, new_token_ids=[], new_prompt_logprobs=chunk)
+                )
+        return results
+
+    def make_stats(self, num_scheduled_tokens: int) -> SchedulerStats:
+        scheduler = self.scheduler
+        prefix = scheduler.prefix_cache_stats
+        return SchedulerStats(
+            num_running_reqs=scheduler.num_running,
+            num_waiting_reqs=scheduler.num_waiting,
+            kv_cache_usage=scheduler.kv_cache_usage,
+            prefix_cache_queries=prefix.queries,
+            prefix_cache_hits=prefix.hits,
+            num_preemptions=scheduler.num_preemptions,
+            num_scheduled_tokens=num_scheduled_tokens,
+        )

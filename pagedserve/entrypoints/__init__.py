@@ -1,0 +1,1 @@
+"""Entry points: the pagedserve CLI and (later) the OpenAI-compatible server."""
