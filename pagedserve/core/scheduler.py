@@ -1,0 +1,346 @@
+"""The scheduler: decides each step which requests compute how many tokens."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from pagedserve.config import CacheConfig, SchedulerConfig
+from pagedserve.core.kv_cache_manager import KVCacheManager, PrefixCacheStats
+from pagedserve.core.kv_cache_utils import update_request_block_hashes
+from pagedserve.core.request import Request, RequestStatus
+from pagedserve.core.request_queue import create_request_queue
+from pagedserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    """Continuous batching with chunked prefill, prefix caching and preemption.
+
+    Each step has one token budget (``max_num_batched_tokens``) and one sequence
+    cap (``max_num_seqs``). Running requests are scheduled first (a decode costs
+    one token, a request still in prefill continues with its next chunk), then
+    waiting requests are admitted in queue order while budget and blocks remain.
+    When a running request cannot get blocks, the lowest-priority, most recently
+    arrived running request is preempted by recompute, and nothing new is admitted
+    in that step.
+    """
+
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig) -> None:
+        self.scheduler_config = scheduler_config
+        self.cache_config = cache_config
+        self.max_num_seqs = scheduler_config.max_num_seqs
+        self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
+        self.max_model_len = scheduler_config.max_model_len
+        self.long_prefill_token_threshold = scheduler_config.long_prefill_token_threshold
+        self.policy = scheduler_config.policy
+        self.block_size = cache_config.block_size
+        self.enable_caching = cache_config.enable_prefix_caching
+        self.kv_cache_manager = KVCacheManager(
+            num_blocks=cache_config.num_blocks,
+            block_size=cache_config.block_size,
+            enable_caching=cache_config.enable_prefix_caching,
+            max_model_len=scheduler_config.max_model_len,
+        )
+        # Unfinished requests by id.
+        self.requests: dict[str, Request] = {}
+        self.waiting = create_request_queue(self.policy)
+        # Running requests in admission order.
+        self.running: list[Request] = []
+        # Since the last schedule(): the runner drops its state for these.
+        self.finished_req_ids: set[str] = set()
+        self.preempted_req_ids: set[str] = set()
+        self.num_preemptions = 0
+
+    # -- requests -----------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a new request (its prompt was validated by the engine)."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        if request.num_tokens < 1:
+            raise ValueError(f"request {request.request_id!r} has an empty prompt")
+        if request.num_tokens > self.max_model_len:
+            raise ValueError(
+                f"request {request.request_id!r} has {request.num_tokens} tokens, more than "
+                f"max_model_len={self.max_model_len}"
+            )
+        request.status = RequestStatus.WAITING
+        if self.enable_caching:
+            update_request_block_hashes(request, self.block_size)
+        self.requests[request.request_id] = request
+        self.waiting.add_request(request)
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self.requests.get(request_id)
+
+    def finish_requests(
+        self, request_ids: str | Iterable[str], finished_status: RequestStatus
+    ) -> list[Request]:
+        """Finish (typically abort) waiting or running requests; unknown ids are ignored.
+
+        Their blocks return to the pool at once. Returns the requests finished.
+        """
+        if not RequestStatus.is_finished(finished_status):
+            raise ValueError(f"finish_requests needs a FINISHED_* status, got {finished_status!r}")
+        if isinstance(request_ids, str):
+            request_ids = (request_ids,)
+        running_to_remove: set[int] = set()
+        waiting_to_remove: list[Request] = []
+        finished: list[Request] = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.is_finished():
+                continue
+            if request.status == RequestStatus.RUNNING:
+                running_to_remove.add(id(request))
+            else:
+                waiting_to_remove.append(request)
+            request.status = finished_status
+            finished.append(request)
+        if running_to_remove:
+            self.running = [r for r in self.running if id(r) not in running_to_remove]
+        if waiting_to_remove:
+            self.waiting.remove_requests(waiting_to_remove)
+        for request in finished:
+            self._free_request(request)
+        return finished
+
+    def _free_request(self, request: Request) -> None:
+        assert request.is_finished()
+        self.kv_cache_manager.free(request)
+        self.finished_req_ids.add(request.request_id)
+        del self.requests[request.request_id]
+
+    # -- the step -----------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Decide this step's work. See the class docstring for the policy."""
+        token_budget = self.max_num_batched_tokens
+        threshold = self.long_prefill_token_threshold
+        kv_cache_manager = self.kv_cache_manager
+        scheduled_running: list[Request] = []
+        scheduled_new: list[Request] = []
+        num_scheduled_tokens: dict[str, int] = {}
+        block_ids: dict[str, list[int]] = {}
+        preempted = False
+
+        # 1. Running requests, in admission order.
+        req_index = 0
+        while req_index < len(self.running) and token_budget > 0:
+            request = self.running[req_index]
+            num_new_tokens = request.num_tokens - request.num_computed_tokens
+            if 0 < threshold < num_new_tokens:
+                num_new_tokens = threshold
+            num_new_tokens = min(
+                num_new_tokens, token_budget, self.max_model_len - request.num_computed_tokens
+            )
+            if num_new_tokens <= 0:
+                req_index += 1
+                continue
+            while True:
+                new_block_ids = kv_cache_manager.allocate_slots(request, num_new_tokens)
+                if new_block_ids is not None:
+                    break
+                victim_index = self._select_victim_index()
+                victim = self.running.pop(victim_index)
+                if victim.request_id in num_scheduled_tokens:
+                    # Scheduled earlier in this step: take it back out of the batch.
+                    token_budget += num_scheduled_tokens.pop(victim.request_id)
+                    del block_ids[victim.request_id]
+                    scheduled_running.remove(victim)
+                if victim_index < req_index:
+                    req_index -= 1
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+            if new_block_ids is None:
+                # The request preempted itself; the one now at req_index is next.
+                continue
+            scheduled_running.append(request)
+            num_scheduled_tokens[request.request_id] = num_new_tokens
+            block_ids[request.request_id] = new_block_ids
+            token_budget -= num_new_tokens
+            req_index += 1
+
+        # 2. Waiting requests, in queue order, unless this step preempted.
+        if not preempted:
+            while self.waiting and token_budget > 0 and len(self.running) < self.max_num_seqs:
+                request = self.waiting.peek_request()
+                if request.num_computed_tokens == 0:
+                    computed_blocks, num_hit_tokens = kv_cache_manager.get_computed_blocks(
+                        request
+                    )
+                else:
+                    computed_blocks, num_hit_tokens = [], 0
+                num_computed_tokens = request.num_computed_tokens + num_hit_tokens
+                num_new_tokens = request.num_tokens - num_computed_tokens
+                if 0 < threshold < num_new_tokens:
+                    num_new_tokens = threshold
+                num_new_tokens = min(num_new_tokens, token_budget)
+                assert num_new_tokens > 0
+                new_block_ids = kv_cache_manager.allocate_slots(
+                    request, num_new_tokens, computed_blocks, num_hit_tokens
+                )
+                if new_block_ids is None:
+                    # Out of blocks: keep queue order, admit nothing further.
+                    break
+                self.waiting.pop_request()
+                kv_cache_manager.record_prefix_cache_query(request, num_hit_tokens)
+                request.num_computed_tokens = num_computed_tokens
+                request.status = RequestStatus.RUNNING
+                if request.num_cached_tokens < 0:
+                    request.num_cached_tokens = num_hit_tokens
+                if request.first_scheduled_time is None:
+                    request.first_scheduled_time = time.time()
+                self.running.append(request)
+                scheduled_new.append(request)
+                num_scheduled_tokens[request.request_id] = num_new_tokens
+                block_ids[request.request_id] = new_block_ids
+                token_budget -= num_new_tokens
+
+        scheduler_output = SchedulerOutput(
+            scheduled_requests=scheduled_running + scheduled_new,
+            num_scheduled_tokens=num_scheduled_tokens,
+            total_num_scheduled_tokens=self.max_num_batched_tokens - token_budget,
+            block_ids=block_ids,
+            new_req_ids={request.request_id for request in scheduled_new},
+            finished_req_ids=self.finished_req_ids,
+            preempted_req_ids=self.preempted_req_ids,
+        )
+        assert scheduler_output.total_num_scheduled_tokens == sum(num_scheduled_tokens.values())
+        self.finished_req_ids = set()
+        self.preempted_req_ids = set()
+        return scheduler_output
+
+    def _select_victim_index(self) -> int:
+        """The running request to preempt: the last arrived (fcfs), or the one with
+        the largest priority value, latest arrival breaking ties (priority)."""
+        if self.policy == "priority":
+            return max(
+                range(len(self.running)),
+                key=lambda i: (self.running[i].priority, self.running[i].arrival_time, i),
+            )
+        return len(self.running) - 1
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute-preempt: free its blocks and put it at the front of the queue."""
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.preempted_req_ids.add(request.request_id)
+        self.waiting.prepend_request(request)
+        if self.num_preemptions == 1:
+            logger.warning(
+                "request %s preempted (recompute): not enough KV cache blocks. This hurts "
+                "throughput; give the KV cache more memory or lower max_num_seqs / "
+                "max_num_batched_tokens.",
+                request.request_id,
+            )
+        else:
+            logger.info(
+                "request %s preempted (recompute); %d preemptions in total",
+                request.request_id,
+                self.num_preemptions,
+            )
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
+    ) -> list[Request]:
+        """Apply a finished step: advance progress, append sampled tokens, check stops.
+
+        Returns the requests that got a new token or finished this step, in batch
+        order. Finished requests leave the running list and free their blocks.
+        """
+        self.kv_cache_manager.mark_blocks_computed()
+        sampled_token_ids = model_runner_output.sampled_token_ids
+        outputs: list[Request] = []
+        stopped: set[int] = set()
+        for request in scheduler_output.scheduled_requests:
+            request_id = request.request_id
+            if request.is_finished() or self.requests.get(request_id) is not request:
+                # Aborted while the step ran.
+                continue
+            request.num_computed_tokens += scheduler_output.num_scheduled_tokens[request_id]
+            assert request.num_computed_tokens <= request.num_tokens
+            token_id = sampled_token_ids.get(request_id)
+            if token_id is None:
+                continue
+            assert request.num_computed_tokens == request.num_tokens, (
+                f"{request_id}: a token was sampled for a partial prefill chunk"
+            )
+            request.append_output_token_ids(int(token_id))
+            if self.enable_caching:
+                update_request_block_hashes(request, self.block_size)
+            if self._check_stop(request):
+                stopped.add(id(request))
+                self._free_request(request)
+            outputs.append(request)
+        if stopped:
+            self.running = [r for r in self.running if id(r) not in stopped]
+        return outputs
+
+    def _check_stop(self, request: Request) -> bool:
+        """Set a FINISHED_* status when the request is done.
+
+        Stop tokens count only once ``min_tokens`` tokens (including the one just
+        sampled) exist; EOS gives stop_reason None, a stop_token_ids hit gives the
+        token id. Then max_tokens and max_model_len cap the length.
+        """
+        sampling_params = request.sampling_params
+        if request.num_output_tokens >= sampling_params.min_tokens:
+            last_token_id = request.output_token_ids[-1]
+            if last_token_id in sampling_params.stop_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = last_token_id
+                return True
+            if not sampling_params.ignore_eos and last_token_id in sampling_params.all_stop_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = None
+                return True
+        if (
+            request.num_output_tokens >= request.max_tokens
+            or request.num_tokens >= self.max_model_len
+        ):
+            request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+            return True
+        return False
+
+    # -- state --------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running) or bool(self.waiting)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of usable KV blocks in use, 0..1."""
+        return self.kv_cache_manager.usage
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """Prefix cache queries and hits in tokens, totals since start."""
+        return self.kv_cache_manager.prefix_cache_stats
+
+    def make_prefix_cache_stats(self) -> PrefixCacheStats:
+        """Prefix cache stats since the previous call (for periodic metrics)."""
+        return self.kv_cache_manager.make_prefix_cache_stats()
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget all cached blocks; only possible while no block is in use."""
+        return self.kv_cache_manager.reset_prefix_cache()
