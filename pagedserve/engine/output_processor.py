@@ -96,13 +96,8 @@ class OutputProcessor:
             raise ValueError(f"Request id {request_id!r} is already running")
         detokenizer = None
         if params.detokenize:
-            detokenizer = IncrementalDetokenizer(
-                self.tokenizer,
-                prompt_token_ids,
-                skip_special_tokens=params.skip_special_tokens,
-                spaces_between_special_tokens=params.spaces_between_special_tokens,
-                stop=list(params.stop or []),
-                include_stop_str_in_output=params.include_stop_str_in_output,
+            detokenizer = IncrementalDetokenizer.from_sampling_params(
+                self.tokenizer, prompt_token_ids, params
             )
         state = RequestState(
             request_id=request_id,
