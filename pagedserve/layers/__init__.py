@@ -1,0 +1,1 @@
+"""Model building blocks: fused linear layers, norms, rotary embeddings, attention."""

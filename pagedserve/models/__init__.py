@@ -1,0 +1,1 @@
+"""Model definitions (plain nn.Modules), the architecture registry and weight loaders."""

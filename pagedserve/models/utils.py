@@ -1,0 +1,103 @@
+"""Helpers shared by the model definitions: default dtype scope, weight routing."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagedserve.layers.linear import default_weight_loader
+
+logger = logging.getLogger(__name__)
+
+
+def cache_root() -> Path:
+    """pagedserve's cache folder: ``$PAGEDSERVE_CACHE_DIR``, default ``~/.cache/pagedserve``."""
+    configured = os.environ.get("PAGEDSERVE_CACHE_DIR")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "pagedserve"
+
+
+@contextlib.contextmanager
+def default_torch_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Create parameters in ``dtype`` inside this scope."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def layer_sliding_window(config: Any, layer_idx: int) -> int | None:
+    """The sliding window of a layer per transformers' conventions, or None (full attention).
+
+    ``layer_types`` decides when present (Gemma 3, Qwen2/3); otherwise a non-null
+    ``sliding_window`` applies to every layer (Mistral).
+    """
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return int(window) if layer_types[layer_idx] == "sliding_attention" else None
+    return int(window)
+
+
+def load_weights_into(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    packed_modules_mapping: Mapping[str, Sequence[str]],
+    skip_prefixes: Sequence[str] = (),
+    ignore_suffixes: Sequence[str] = ("rotary_emb.inv_freq",),
+) -> set[str]:
+    """Route checkpoint ``(name, tensor)`` pairs into ``model``'s parameters.
+
+    ``packed_modules_mapping`` maps a fused module name to the checkpoint module names it
+    stacks (``{"qkv_proj": ["q_proj", "k_proj", "v_proj"]}``); a part is loaded with
+    ``weight_loader(param, tensor, shard_index)``. Raises ``ValueError`` for an unknown
+    checkpoint tensor or a parameter that no tensor filled.
+    """
+    params = dict(model.named_parameters())
+    part_to_packed: dict[str, tuple[str, int]] = {}
+    for packed, parts in packed_modules_mapping.items():
+        for index, part in enumerate(parts):
+            part_to_packed[part] = (packed, index)
+    loaded: set[str] = set()
+    filled_shards: dict[str, set[int]] = {}
+    for name, tensor in weights:
+        if any(name.startswith(p) for p in skip_prefixes) or any(
+            name.endswith(s) for s in ignore_suffixes
+        ):
+            continue
+        target, shard_id = name, None
+        module_path, _, leaf = name.rpartition(".")
+        parent, _, module_name = module_path.rpartition(".")
+        if module_name in part_to_packed:
+            packed, shard_id = part_to_packed[module_name]
+            target = f"{parent}.{packed}.{leaf}" if parent else f"{packed}.{leaf}"
+        param = params.get(target)
+        if param is None:
+            raise ValueError(f"checkpoint tensor {name!r} matches no parameter of {type(model).__name__}")
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        if shard_id is None:
+            loader(param, tensor)
+        else:
+            loader(param, tensor, shard_id)
+            filled_shards.setdefault(target, set()).add(shard_id)
+        loaded.add(target)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"checkpoint lacks weights for: {', '.join(missing[:10])}"
+                         + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""))
+    for target, shards in filled_shards.items():
+        module_name = target.rsplit(".", 2)[-2]
+        expected = len(packed_modules_mapping[module_name])
+        if len(shards) != expected:
+            raise ValueError(f"{target}: loaded shards {sorted(shards)} of {expected}")
+    return loaded
