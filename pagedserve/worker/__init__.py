@@ -1,0 +1,1 @@
+"""Model runner side: persistent input batch, block tables, KV cache allocation."""
