@@ -12,8 +12,8 @@ import time
 from pagedserve import platform
 from pagedserve.config import EngineConfig
 from pagedserve.core.request import Request, RequestStatus
-from pagedserve.core.scheduler import Scheduler
 from pagedserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from pagedserve.core.scheduler import Scheduler
 from pagedserve.engine.messages import (
     EngineCoreOutput,
     EngineCoreOutputs,

@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from pagedserve.config import ModelConfig
 from pagedserve.engine.messages import EngineCoreRequest
 from pagedserve.sampling_params import SamplingParams
 
 # What generate() accepts for one prompt.
-PromptType = Union[str, list[int], Mapping[str, Any]]
+PromptType = str | list[int] | Mapping[str, Any]
 
 MAX_LOGPROBS = 20
 
