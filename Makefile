@@ -1,12 +1,13 @@
 # Two commands do all set-up on a fresh machine:
-#   make run   - start pagedserve on the default model (Gemma 3 270M, bundled)
+#   make run   - serve the default model (Gemma 3 270M, bundled) on http://127.0.0.1:8000
 #   make test  - run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pagedserve-installed
 PROMPT ?= The capital of France is
+SERVE_ARGS ?=
 
-.PHONY: install run test lint bench
+.PHONY: install run generate test lint bench
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -17,6 +18,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: install
+	$(VENV)/bin/pagedserve serve $(SERVE_ARGS)
+
+generate: install
 	$(VENV)/bin/pagedserve generate "$(PROMPT)" --max-tokens 64
 
 test: install

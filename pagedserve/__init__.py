@@ -9,12 +9,14 @@ from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
 if TYPE_CHECKING:
     from pagedserve.engine.arg_utils import EngineArgs
+    from pagedserve.engine.async_llm import AsyncLLM
     from pagedserve.engine.llm import LLM
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LLM",
+    "AsyncLLM",
     "EngineArgs",
     "SamplingParams",
     "RequestOutput",
@@ -31,6 +33,10 @@ def __getattr__(name: str) -> Any:
         from pagedserve.engine.llm import LLM
 
         return LLM
+    if name == "AsyncLLM":
+        from pagedserve.engine.async_llm import AsyncLLM
+
+        return AsyncLLM
     if name == "EngineArgs":
         from pagedserve.engine.arg_utils import EngineArgs
 

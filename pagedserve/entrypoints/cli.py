@@ -1,4 +1,4 @@
-"""The `pagedserve` command: generate, bench."""
+"""The `pagedserve` command: generate, bench, serve."""
 
 from __future__ import annotations
 
@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     from pagedserve.benchmarks.cli import add_bench_parser
 
     add_bench_parser(sub)
+
+    from pagedserve.entrypoints.openai.cli_args import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
