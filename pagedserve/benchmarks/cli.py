@@ -1,4 +1,4 @@
-"""`pagedserve bench throughput|latency`, printing vLLM's result lines."""
+"""`pagedserve bench throughput|latency|serve`, printing vLLM's result lines."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def _compare_hf(args, model_config, prompts, result) -> list[dict]:  # noqa: ANN
     model = load_hf_model(model_config.model_path, model_config.dtype)
     rows = []
     for batch_size in [int(b) for b in args.compare_hf.split(",")]:
-        num = min(len(prompts), max(batch_size, args.hf_num_prompts))
+        num = min(len(prompts), batch_size * args.hf_num_batches)
         base = run_hf_generate(model, prompts[:num], args.output_len, batch_size)
         ratio = result["output_tokens_per_second"] / base.output_tokens_per_s
         print(
@@ -151,8 +151,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     thr.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True)
     thr.add_argument("--compare-hf", default=None, metavar="BATCH_SIZES",
                      help="also run transformers' generate with these static batch sizes, e.g. 16,1")
-    thr.add_argument("--hf-num-prompts", type=int, default=16,
-                     help="prompts per baseline batch size (at least one batch)")
+    thr.add_argument("--hf-num-batches", type=int, default=1,
+                     help="static batches to run per baseline batch size")
     add_engine_flags(thr)
     thr.set_defaults(func=bench_throughput)
 
@@ -165,3 +165,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     lat.add_argument("--output-json", default=None)
     add_engine_flags(lat)
     lat.set_defaults(func=bench_latency)
+
+    from pagedserve.benchmarks.serve import add_serve_bench_parser
+
+    add_serve_bench_parser(bench_sub)

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pagedserve.config import EngineConfig
 from pagedserve.engine.arg_utils import EngineArgs
@@ -22,8 +22,12 @@ from pagedserve.engine.input_processor import InputProcessor, PromptType
 from pagedserve.engine.messages import EngineCoreOutputs, SchedulerStats
 from pagedserve.engine.output_processor import OutputProcessor, ParentRequest
 from pagedserve.engine.tokenizer import load_tokenizer
+from pagedserve.metrics.stats import IterationStats
 from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
+
+if TYPE_CHECKING:
+    from pagedserve.metrics.observability import EngineObservability
 
 logger = logging.getLogger(__name__)
 
@@ -107,12 +111,18 @@ class AsyncLLM:
         engine_config: EngineConfig,
         log_level: int | None = None,
         on_engine_dead: Callable[[EngineDeadError], None] | None = None,
+        observability: EngineObservability | None = None,
     ) -> None:
         self.engine_config = engine_config
         self.model_config = engine_config.model_config
         self.tokenizer = load_tokenizer(self.model_config.tokenizer_path)
         self.input_processor = InputProcessor(self.model_config, self.tokenizer)
-        self.output_processor = OutputProcessor(self.tokenizer)
+        # Metrics (IterationStats per step -> stat loggers) and tracing, when given.
+        self.observability = observability
+        self.log_stats = observability is not None and observability.log_stats
+        self.output_processor = OutputProcessor(self.tokenizer, log_stats=self.log_stats)
+        if observability is not None and observability.tracer is not None:
+            self.output_processor.on_parent_finished = observability.on_parent_finished
         self.max_num_queued_requests = engine_config.scheduler_config.max_num_queued_requests
         self.on_engine_dead = on_engine_dead
         self.collectors: dict[str, RequestOutputCollector] = {}
@@ -176,8 +186,13 @@ class AsyncLLM:
         prompt: PromptType,
         params: SamplingParams,
         priority: int = 0,
+        trace_context: Any = None,
     ) -> RequestOutputCollector:
-        """Validate, register and send one request; raises ValueError / QueueFullError."""
+        """Validate, register and send one request; raises ValueError / QueueFullError.
+
+        ``trace_context`` (pagedserve.metrics.tracing.RequestTraceContext) makes the
+        request's span when it finishes, if tracing is on.
+        """
         if self.dead_error is not None or self.engine_core.dead_reason is not None:
             raise self.dead_error or EngineDeadError(self.engine_core.dead_reason)
         self.start()
@@ -186,6 +201,7 @@ class AsyncLLM:
         self.check_capacity(params.n)
         processed = self.input_processor.process_prompt(prompt)
         parent = ParentRequest(request_id, params)
+        parent.trace_context = trace_context
         arrival = time.time()
         core_requests = [
             self.input_processor.make_request(
@@ -234,7 +250,10 @@ class AsyncLLM:
     def abort(self, request_id: str | list[str]) -> None:
         """Abort requests (parent ids) in the front end and the engine core."""
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
-        child_ids = self.output_processor.abort_requests(ids)
+        iteration_stats = IterationStats() if self.log_stats else None
+        child_ids = self.output_processor.abort_requests(ids, iteration_stats)
+        if iteration_stats is not None and self.observability is not None and child_ids:
+            self.observability.record(None, iteration_stats)
         for rid in ids:
             self.collectors.pop(rid, None)
         if child_ids:
@@ -245,12 +264,21 @@ class AsyncLLM:
     async def _output_handler(self) -> None:
         engine_core = self.engine_core
         output_processor = self.output_processor
+        observability = self.observability
+        log_stats = self.log_stats
         try:
             while True:
                 core_outputs = await engine_core.get_output_async()
+                iteration_stats = IterationStats() if log_stats else None
                 request_outputs, to_abort = output_processor.process_outputs(
-                    core_outputs.outputs, time.time()
+                    core_outputs.outputs, time.time(), core_outputs.timestamp, iteration_stats
                 ) if core_outputs.outputs else ([], [])
+                if observability is not None:
+                    # Before any handler runs: a response never precedes its metrics.
+                    try:
+                        observability.record(core_outputs.scheduler_stats, iteration_stats)
+                    except Exception:  # metrics must never take the server down
+                        logger.exception("recording engine stats failed")
                 for request_output in request_outputs:
                     collector = self.collectors.get(request_output.request_id)
                     if collector is None:

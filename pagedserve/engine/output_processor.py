@@ -8,11 +8,13 @@ requests to abort in the core (a stop string matched).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.messages import EngineCoreOutput, TokenLogprobs
+from pagedserve.metrics.stats import IterationStats, RequestStateStats
 from pagedserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
@@ -26,6 +28,8 @@ class ParentRequest:
         self.n = params.n
         self.children: dict[int, RequestState] = {}
         self.num_finished = 0
+        # Set by the front end for tracing (pagedserve.metrics.tracing.RequestTraceContext).
+        self.trace_context: Any = None
 
     def child_request_id(self, index: int) -> str:
         return f"{index}_{self.request_id}" if self.n > 1 else self.request_id
@@ -67,6 +71,8 @@ class RequestState:
     num_preemptions: int = 0
     sent_token_offset: int = 0
     sent_logprob_offset: int = 0
+    # Metrics timestamps and counts (only when the output processor logs stats).
+    stats: RequestStateStats | None = None
 
     @property
     def finished(self) -> bool:
@@ -76,11 +82,14 @@ class RequestState:
 class OutputProcessor:
     """Owns the per-request output states of the front end."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, log_stats: bool = False) -> None:
         self.tokenizer = tokenizer
+        self.log_stats = log_stats
         self.request_states: dict[str, RequestState] = {}
         self.parents: dict[str, ParentRequest] = {}
         self._token_text_cache: dict[int, str] = {}
+        # Called with each user request (parent) once all its children ended (tracing).
+        self.on_parent_finished: Callable[[ParentRequest], None] | None = None
 
     def add_request(
         self,
@@ -111,6 +120,7 @@ class OutputProcessor:
             logprobs=[] if params.logprobs is not None else None,
             cumulative_logprob=0.0 if params.logprobs is not None else None,
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+            stats=RequestStateStats(arrival_time=arrival_time) if self.log_stats else None,
         )
         parent.children[index] = state
         self.parents[parent.request_id] = parent
@@ -119,33 +129,59 @@ class OutputProcessor:
     def has_unfinished_requests(self) -> bool:
         return bool(self.request_states)
 
-    def abort_requests(self, request_ids: list[str]) -> list[str]:
-        """Drop states of aborted parent or child ids; returns the child ids to abort in the core."""
+    def abort_requests(
+        self, request_ids: list[str], iteration_stats: IterationStats | None = None
+    ) -> list[str]:
+        """Drop states of aborted parent or child ids; returns the child ids to abort in the core.
+
+        With ``iteration_stats``, each dropped child counts as finished with reason "abort".
+        """
         child_ids: list[str] = []
+        aborted: list[RequestState] = []
         for rid in request_ids:
             parent = self.parents.pop(rid, None)
             if parent is not None:
                 for child in parent.children.values():
                     if self.request_states.pop(child.request_id, None) is not None:
                         child_ids.append(child.request_id)
+                        aborted.append(child)
             elif rid in self.request_states:
                 state = self.request_states.pop(rid)
                 self.parents.pop(state.parent.request_id, None)
                 child_ids.append(rid)
+                aborted.append(state)
+        for state in aborted:
+            if state.finish_reason is None:
+                state.finish_reason = "abort"
+                state.parent.num_finished += 1
+            self._record_finished(state, iteration_stats)
         return child_ids
 
     # ---------------------------------------------------------------- outputs
     def process_outputs(
-        self, outputs: list[EngineCoreOutput], now: float | None = None
+        self,
+        outputs: list[EngineCoreOutput],
+        now: float | None = None,
+        engine_core_timestamp: float | None = None,
+        iteration_stats: IterationStats | None = None,
     ) -> tuple[list[RequestOutput], list[str]]:
-        """Apply one step's outputs; returns (outputs ready to hand out, ids to abort in core)."""
+        """Apply one step's outputs; returns (outputs ready to hand out, ids to abort in core).
+
+        With ``iteration_stats`` (one per engine-core step), the step's tokens, latencies
+        and finished requests are accounted there (pagedserve.metrics.stats).
+        """
         now = time.time() if now is None else now
+        core_timestamp = engine_core_timestamp or now
         touched: dict[str, list[RequestState]] = {}
         to_abort: list[str] = []
         for output in outputs:
             state = self.request_states.get(output.request_id)
             if state is None:
                 continue  # aborted meanwhile
+            if iteration_stats is not None and state.stats is not None:
+                iteration_stats.update_from_output(
+                    output, core_timestamp, len(state.prompt_token_ids), state.stats
+                )
             if self._apply(state, output, now):
                 to_abort.append(state.request_id)
             touched.setdefault(state.parent.request_id, []).append(state)
@@ -158,11 +194,32 @@ class OutputProcessor:
                 if state.finished:
                     state.finished_time = now
                     self.request_states.pop(state.request_id, None)
+                    self._record_finished(state, iteration_stats)
             if parent.num_finished == parent.n:
                 self.parents.pop(parent_id, None)
             if request_output is not None:
                 ready.append(request_output)
         return ready, to_abort
+
+    def _record_finished(
+        self, state: RequestState, iteration_stats: IterationStats | None
+    ) -> None:
+        """Stats of a finished child; and of its parent, and the tracing hook, once all ended."""
+        parent = state.parent
+        if iteration_stats is not None and state.stats is not None:
+            iteration_stats.update_from_finished_request(
+                state.finish_reason or "abort",
+                len(state.prompt_token_ids),
+                state.params.max_tokens,
+                state.stats,
+                state.num_cached_tokens,
+            )
+            if parent.num_finished == parent.n:
+                iteration_stats.update_from_finished_parent(
+                    parent.n, max(len(c.output_token_ids) for c in parent.children.values())
+                )
+        if parent.num_finished == parent.n and self.on_parent_finished is not None:
+            self.on_parent_finished(parent)
 
     def _apply(self, state: RequestState, output: EngineCoreOutput, now: float) -> bool:
         """Update one child's state; True when a stop string ended it (abort in core)."""

@@ -105,6 +105,12 @@ def build_app(ctx: ServerContext) -> FastAPI:
     install_exception_handlers(app)
     if ctx.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=ctx.api_key)
+    observability = ctx.observability
+    if observability is not None:
+        from pagedserve.metrics.prometheus import PrometheusMiddleware
+
+        # Outermost: counts every request, 401s included.
+        app.add_middleware(PrometheusMiddleware, http_metrics=observability.http_metrics)
     completion = OpenAIServingCompletion(ctx)
     chat = OpenAIServingChat(ctx)
     engine = ctx.engine
@@ -124,6 +130,16 @@ def build_app(ctx: ServerContext) -> FastAPI:
             "kv_cache_usage": stats.kv_cache_usage if stats else 0.0,
         }
         return JSONResponse(body, status_code=200 if alive else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus exposition (pagedserve: names; vllm: too with --metrics-compat vllm)."""
+        if observability is None:
+            return Response("", media_type="text/plain; version=0.0.4; charset=utf-8")
+        from pagedserve.metrics.observability import METRICS_CONTENT_TYPE
+
+        body = observability.metrics_text(engine.scheduler_stats)
+        return Response(body, media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/version")
     async def version() -> dict[str, str]:
@@ -283,6 +299,22 @@ async def _serve(server: uvicorn.Server, ctx: ServerContext, state: dict[str, An
         await server.serve()
     finally:
         await engine.shutdown()
+        if ctx.observability is not None:
+            ctx.observability.shutdown()  # flushes pending spans
+
+
+def _make_observability(args: argparse.Namespace, engine_config: Any) -> Any:
+    """Metrics, stats log line and tracing from the serve flags."""
+    from pagedserve.metrics.observability import (
+        EngineObservability,
+        observability_config_from_args,
+    )
+
+    config = observability_config_from_args(args)
+    if config.log_stats:
+        # The periodic stats line is INFO (as vLLM's); show it at the default log level.
+        logging.getLogger("pagedserve.metrics.loggers").setLevel(logging.INFO)
+    return EngineObservability(engine_config, config)
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -292,7 +324,9 @@ def run_server(args: argparse.Namespace) -> int:
     engine_args = _engine_args(args)
     api_key = args.api_key or os.environ.get("PAGEDSERVE_API_KEY") or None
     start = time.perf_counter()
-    engine = AsyncLLM.from_engine_args(engine_args)
+    engine_config = engine_args.create_engine_config()
+    observability = _make_observability(args, engine_config)
+    engine = AsyncLLM(engine_config, observability=observability)
     # The engine core owns the cores; this process does light Python work.
     torch.set_num_threads(1)
     try:
@@ -304,6 +338,7 @@ def run_server(args: argparse.Namespace) -> int:
             chat_template=template,
             chat_template_error=template_error,
             api_key=api_key,
+            observability=observability,
         )
         app = build_app(ctx)
         print(_banner(engine, args, served_names), file=sys.stderr)

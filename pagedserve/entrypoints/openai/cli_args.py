@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pagedserve.entrypoints.engine_flags import add_engine_flags
+from pagedserve.metrics.observability import add_observability_flags
 
 
 class ConfigFileArgumentParser(argparse.ArgumentParser):
@@ -139,3 +140,4 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds SIGTERM waits for in-flight requests before exiting")
     add_engine_flags(parser)
+    add_observability_flags(parser)

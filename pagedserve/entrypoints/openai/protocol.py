@@ -61,6 +61,9 @@ class _SamplingFields(OpenAIBaseModel):
     request_id: str | None = None
     return_token_ids: bool | None = False
     cache_salt: str | None = None
+    # pagedserve: a `timings` object (queue/prefill/decode/TTFT ms, cached tokens, tokens/s)
+    # in the response or the final streamed chunk; also on for all with --enable-response-timings.
+    return_timings: bool | None = False
 
     def check_stream_options(self) -> None:
         if self.stream_options is not None and not self.stream:

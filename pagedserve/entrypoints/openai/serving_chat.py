@@ -24,7 +24,7 @@ from pagedserve.entrypoints.openai.serving_common import (
     sse,
     usage_dict,
 )
-from pagedserve.outputs import CompletionOutput, Logprob
+from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class OpenAIServingChat(ServingBase):
     """Handles /v1/chat/completions (and renders chats for /tokenize)."""
 
     request_id_prefix = "chatcmpl"
+    operation = "chat"
 
     def render(
         self,
@@ -109,7 +110,12 @@ class OpenAIServingChat(ServingBase):
         )
         params = request.to_sampling_params(max_tokens)
         request_id = self.request_id(raw_request, request.request_id)
-        collectors = self.add_requests(request_id, [prompt], [params], request.priority)
+        trace_contexts = self.trace_contexts(
+            raw_request, model_name, lambda: [list(request.messages)]
+        )
+        collectors = self.add_requests(
+            request_id, [prompt], [params], request.priority, trace_contexts
+        )
         created = int(time.time())
         role = "assistant" if request.add_generation_prompt else request.messages[-1]["role"]
         echo_text = ""
@@ -224,6 +230,10 @@ class OpenAIServingChat(ServingBase):
         }
         if request.return_token_ids:
             response["prompt_token_ids"] = list(final.prompt_token_ids)
+        if self.wants_timings(request):
+            response["timings"] = self.timings(
+                [final], len(final.prompt_token_ids), final.num_cached_tokens, completion_tokens
+            )
         return response
 
     # ---------------------------------------------------------------- stream
@@ -241,6 +251,7 @@ class OpenAIServingChat(ServingBase):
         prompt_tokens = 0
         cached_tokens = 0
         completion_tokens = [0] * n
+        final_output: RequestOutput | None = None
 
         def usage() -> dict[str, Any]:
             return usage_dict(prompt_tokens, sum(completion_tokens), cached_tokens)
@@ -273,6 +284,8 @@ class OpenAIServingChat(ServingBase):
                     raise failure
                 prompt_tokens = len(output.prompt_token_ids)
                 cached_tokens = output.num_cached_tokens
+                if output.finished:
+                    final_output = output
                 for completion in output.outputs:
                     completion_tokens[completion.index] += len(completion.token_ids)
                     if (
@@ -293,9 +306,18 @@ class OpenAIServingChat(ServingBase):
                     if request.return_token_ids:
                         choice["token_ids"] = list(completion.token_ids)
                     yield sse(chunk([choice]))
-            if request.include_usage:
+            timings = None
+            if self.wants_timings(request) and final_output is not None:
+                timings = self.timings(
+                    [final_output], prompt_tokens, cached_tokens, sum(completion_tokens)
+                )
+            if request.include_usage or timings is not None:
+                # The final chunk: usage (if asked) and timings (if asked).
                 final = chunk([])
-                final["usage"] = usage()
+                if request.include_usage:
+                    final["usage"] = usage()
+                if timings is not None:
+                    final["timings"] = timings
                 yield sse(final)
         except Exception as exc:
             logger.info("chat stream %s failed: %s", request_id, exc)

@@ -8,7 +8,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, TypeVar
@@ -57,6 +57,8 @@ class ServerContext:
     chat_template_error: str | None = None
     api_key: str | None = None
     started: float = field(default_factory=time.time)
+    # Metrics, tracing and timings (pagedserve.metrics.observability.EngineObservability).
+    observability: Any = None
 
     @property
     def model_config(self) -> Any:
@@ -87,6 +89,7 @@ class ServingBase:
     """Shared logic of the completion and chat handlers."""
 
     request_id_prefix = "cmpl"
+    operation = "text_completion"  # gen_ai.operation.name of the request's span
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
@@ -175,6 +178,7 @@ class ServingBase:
         prompts: list[EnginePrompt],
         params_list: list[SamplingParams],
         priority: int,
+        trace_contexts: list[Any] | None = None,
     ) -> list[tuple[str, RequestOutputCollector]]:
         """Add one engine request per prompt; all or nothing."""
         self.check_engine()
@@ -184,11 +188,38 @@ class ServingBase:
             for index, (prompt, params) in enumerate(zip(prompts, params_list, strict=True)):
                 rid = request_id if len(prompts) == 1 else f"{request_id}-{index}"
                 engine_prompt = {"prompt": prompt.prompt, "prompt_token_ids": prompt.prompt_token_ids}
-                added.append((rid, self.engine.add_request(rid, engine_prompt, params, priority)))
+                trace_context = trace_contexts[index] if trace_contexts else None
+                added.append((rid, self.engine.add_request(
+                    rid, engine_prompt, params, priority, trace_context=trace_context)))
         except BaseException:
             self.engine.abort([rid for rid, _ in added])
             raise
         return added
+
+    # ---------------------------------------------------------------- observability
+    def trace_contexts(
+        self, raw_request: Request, model_name: str, prompts: Callable[[], list[Any]]
+    ) -> list[Any] | None:
+        """One span context per engine request (None when tracing is off).
+
+        ``prompts()`` gives what the spans may show as input (called only when tracing).
+        """
+        obs = self.ctx.observability
+        if obs is None or obs.tracer is None:
+            return None
+        return [obs.trace_context(raw_request.headers, self.operation, model_name, p)
+                for p in prompts()]
+
+    def wants_timings(self, request: Any) -> bool:
+        requested = getattr(request, "return_timings", None)
+        obs = self.ctx.observability
+        return obs.wants_timings(requested) if obs is not None else bool(requested)
+
+    def timings(self, outputs: list[RequestOutput], prompt_tokens: int, cached_tokens: int,
+                completion_tokens: int) -> dict[str, Any]:
+        from pagedserve.metrics.observability import response_timings
+
+        return response_timings(outputs, prompt_tokens, cached_tokens, completion_tokens)
 
     async def iterate(
         self, collectors: list[tuple[str, RequestOutputCollector]]

@@ -109,7 +109,12 @@ class OpenAIServingCompletion(ServingBase):
         prompts = [p for p, _ in fitted]
         params_list = [request.to_sampling_params(max_tokens) for _, max_tokens in fitted]
         request_id = self.request_id(raw_request, request.request_id)
-        collectors = self.add_requests(request_id, prompts, params_list, request.priority)
+        trace_contexts = self.trace_contexts(
+            raw_request, model_name, lambda: [self._prompt_text(p) for p in prompts]
+        )
+        collectors = self.add_requests(
+            request_id, prompts, params_list, request.priority, trace_contexts
+        )
         created = int(time.time())
         if request.stream:
             return SSEResponse(
@@ -150,7 +155,7 @@ class OpenAIServingCompletion(ServingBase):
                 choices.append(
                     self._choice(request, prompts[index], output, completion, index)
                 )
-        return {
+        response = {
             "id": request_id,
             "object": "text_completion",
             "created": created,
@@ -158,6 +163,12 @@ class OpenAIServingCompletion(ServingBase):
             "choices": choices,
             "usage": usage_dict(prompt_tokens, completion_tokens, cached_tokens),
         }
+        if self.wants_timings(request):
+            response["timings"] = self.timings(
+                [finals[i] for i in range(len(prompts))], prompt_tokens, cached_tokens,
+                completion_tokens,
+            )
+        return response
 
     def _prompt_text(self, prompt: EnginePrompt) -> str:
         if prompt.prompt is not None:
@@ -219,6 +230,7 @@ class OpenAIServingCompletion(ServingBase):
         prompt_tokens = [len(p.prompt_token_ids) for p in prompts]
         completion_tokens = [0] * num_choices
         cached_tokens = [0] * len(prompts)
+        finals: list[RequestOutput] = []
 
         def usage() -> dict[str, Any]:
             return usage_dict(sum(prompt_tokens), sum(completion_tokens), sum(cached_tokens))
@@ -229,6 +241,8 @@ class OpenAIServingCompletion(ServingBase):
                 if failure is not None:
                     raise failure
                 cached_tokens[prompt_index] = output.num_cached_tokens
+                if output.finished:
+                    finals.append(output)
                 for completion in output.outputs:
                     choice_index = prompt_index * n + completion.index
                     completion_tokens[choice_index] += len(completion.token_ids)
@@ -270,17 +284,25 @@ class OpenAIServingCompletion(ServingBase):
                     if request.include_usage:
                         chunk["usage"] = usage() if request.continuous_usage_stats else None
                     yield sse(chunk)
-            if request.include_usage:
-                yield sse(
-                    {
-                        "id": request_id,
-                        "object": "text_completion",
-                        "created": created,
-                        "model": model_name,
-                        "choices": [],
-                        "usage": usage(),
-                    }
+            timings = None
+            if self.wants_timings(request):
+                timings = self.timings(
+                    finals, sum(prompt_tokens), sum(cached_tokens), sum(completion_tokens)
                 )
+            if request.include_usage or timings is not None:
+                # The final chunk: usage (if asked) and timings (if asked).
+                final_chunk: dict[str, Any] = {
+                    "id": request_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model_name,
+                    "choices": [],
+                }
+                if request.include_usage:
+                    final_chunk["usage"] = usage()
+                if timings is not None:
+                    final_chunk["timings"] = timings
+                yield sse(final_chunk)
         except Exception as exc:
             logger.info("completion stream %s failed: %s", request_id, exc)
             yield sse(to_openai_error(exc).body())
