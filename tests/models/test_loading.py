@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -104,7 +105,13 @@ def test_unknown_architecture_in_config_fails_at_load(tmp_path: Path, tiny_model
     config = json.loads((folder / "config.json").read_text())
     config["architectures"] = ["FancyForCausalLM"]
     (folder / "config.json").write_text(json.dumps(config))
-    resolved = resolve_model(str(folder))
+    # Refused while resolving, before transformers parses the config...
+    with pytest.raises(ValueError, match="supported: Gemma3ForCausalLM, LlamaForCausalLM"):
+        resolve_model(str(folder))
+    # ...and by the loader for a resolved model whose architecture is not registered.
+    resolved = dataclasses.replace(
+        resolve_model(tiny_model_dir("llama")), architecture="FancyForCausalLM"
+    )
     with pytest.raises(ValueError, match="supported"):
         get_model(model_config_for(resolved))
 
