@@ -95,15 +95,17 @@ def bench_latency(args: argparse.Namespace) -> int:
 
     llm, _ = _make_llm(args)
     engine = llm.llm_engine
-    prompts = random_token_prompts(
-        args.batch_size, args.input_len, engine.model_config.vocab_size, args.seed
-    )
+    vocab_size = engine.model_config.vocab_size
     params = SamplingParams(
         temperature=0.0, max_tokens=args.output_len, ignore_eos=True,
         output_kind=RequestOutputKind.DELTA,
     )
 
-    def run_once() -> tuple[float, float]:
+    def run_once(iteration: int) -> tuple[float, float]:
+        # Fresh prompts each iteration: a prefix-cache hit would flatter the TTFT.
+        prompts = random_token_prompts(
+            args.batch_size, args.input_len, vocab_size, args.seed + iteration
+        )
         for i, prompt in enumerate(prompts):
             engine.add_request(f"lat-{time.monotonic_ns()}-{i}", {"prompt_token_ids": prompt},
                                params)
@@ -116,11 +118,11 @@ def bench_latency(args: argparse.Namespace) -> int:
         end = time.perf_counter()
         return end - start, (first or end) - start
 
-    for _ in range(args.num_iters_warmup):
-        run_once()
+    for iteration in range(args.num_iters_warmup):
+        run_once(args.num_iters + iteration)
     latencies, ttfts = [], []
-    for _ in range(args.num_iters):
-        latency, ttft = run_once()
+    for iteration in range(args.num_iters):
+        latency, ttft = run_once(iteration)
         latencies.append(latency)
         ttfts.append(ttft)
     lat = np.array(latencies)

@@ -202,24 +202,13 @@ class AsyncLLM:
         processed = self.input_processor.process_prompt(prompt)
         parent = ParentRequest(request_id, params)
         parent.trace_context = trace_context
-        arrival = time.time()
-        core_requests = [
-            self.input_processor.make_request(
-                parent.child_request_id(i), processed, parent.child_params(i), priority, arrival
-            )
-            for i in range(params.n)
-        ]
+        core_requests = self.input_processor.make_child_requests(
+            parent, processed, priority, time.time()
+        )
         collector = RequestOutputCollector(params.output_kind)
         self.collectors[request_id] = collector
-        for index, core_request in enumerate(core_requests):
-            self.output_processor.add_request(
-                parent,
-                index,
-                processed.prompt,
-                core_request.prompt_token_ids,
-                core_request.sampling_params,
-                core_request.arrival_time,
-            )
+        self.output_processor.add_children(parent, processed.prompt, core_requests)
+        for core_request in core_requests:
             self.engine_core.add_request(core_request)
         return collector
 

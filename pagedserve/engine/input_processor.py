@@ -68,6 +68,22 @@ class InputProcessor:
             )
         return list(ids)
 
+    def make_child_requests(
+        self,
+        parent: Any,
+        processed: ProcessedPrompt,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> list[EngineCoreRequest]:
+        """One engine-core request per child of ``parent`` (a ParentRequest; n of them)."""
+        arrival = time.time() if arrival_time is None else arrival_time
+        return [
+            self.make_request(
+                parent.child_request_id(i), processed, parent.child_params(i), priority, arrival
+            )
+            for i in range(parent.n)
+        ]
+
     def make_request(
         self,
         request_id: str,

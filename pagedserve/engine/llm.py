@@ -102,7 +102,11 @@ class LLM:
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Render conversations with the model's chat template, then generate."""
-        from pagedserve.engine.chat_utils import apply_chat_template, resolve_chat_template
+        from pagedserve.engine.chat_utils import (
+            apply_chat_template,
+            resolve_chat_template,
+            tokenize_prompt,
+        )
 
         if not messages:
             raise ValueError("messages must not be empty")
@@ -128,10 +132,8 @@ class LLM:
                 continue_final_message=continue_final_message,
                 chat_template_kwargs=chat_template_kwargs,
             )
-            bos = getattr(tokenizer, "bos_token", None)
-            add_special = not (bos and text.startswith(bos))
-            ids = tokenizer(text, add_special_tokens=add_special).input_ids
-            prompts.append({"prompt": text, "prompt_token_ids": list(ids)})
+            ids = tokenize_prompt(tokenizer, text, add_special_tokens=True)
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     # ------------------------------------------------------------------ helpers

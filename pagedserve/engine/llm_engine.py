@@ -42,12 +42,7 @@ class LLMEngine:
         """Tokenize and check one request without adding it (raises ValueError)."""
         processed = self.input_processor.process_prompt(prompt)
         parent = ParentRequest(request_id, params)
-        core_requests = [
-            self.input_processor.make_request(
-                parent.child_request_id(i), processed, parent.child_params(i), priority
-            )
-            for i in range(params.n)
-        ]
+        core_requests = self.input_processor.make_child_requests(parent, processed, priority)
         return parent, processed, core_requests
 
     def add_request(
@@ -62,15 +57,8 @@ class LLMEngine:
         parent, processed, core_requests = self.validate_request(
             prompt, params, request_id, priority
         )
-        for index, core_request in enumerate(core_requests):
-            self.output_processor.add_request(
-                parent,
-                index,
-                processed.prompt,
-                core_request.prompt_token_ids,
-                core_request.sampling_params,
-                core_request.arrival_time,
-            )
+        self.output_processor.add_children(parent, processed.prompt, core_requests)
+        for core_request in core_requests:
             self.engine_core.add_request(core_request)
 
     def abort_request(self, request_ids: list[str]) -> None:

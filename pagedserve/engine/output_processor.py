@@ -126,6 +126,20 @@ class OutputProcessor:
         self.parents[parent.request_id] = parent
         self.request_states[request_id] = state
 
+    def add_children(
+        self, parent: ParentRequest, prompt: str | None, core_requests: list[Any]
+    ) -> None:
+        """Register the output state of every child of ``parent`` (EngineCoreRequests)."""
+        for index, core_request in enumerate(core_requests):
+            self.add_request(
+                parent,
+                index,
+                prompt,
+                core_request.prompt_token_ids,
+                core_request.sampling_params,
+                core_request.arrival_time,
+            )
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.request_states)
 
