@@ -66,6 +66,18 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
+    def has_work(self) -> bool:
+        """Requests to step, or outputs waiting to go out with the next step."""
+        return bool(self._pending_outputs) or self.scheduler.has_unfinished_requests()
+
+    def reject_request(self, request_id: str, reason: str) -> None:
+        """Report a request that could not be added; it fails alone, with the next step."""
+        self._pending_outputs.append(
+            EngineCoreOutput(
+                request_id=request_id, new_token_ids=[], finish_reason="error", stop_reason=reason
+            )
+        )
+
     # --------------------------------------------------------------------- step
     def step(self) -> EngineCoreOutputs:
         """Schedule, run the model once, and report what every request got."""

@@ -27,7 +27,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from pagedserve.engine.messages import EngineCoreOutput, EngineCoreRequest, SchedulerStats
+from pagedserve.engine.messages import EngineCoreRequest, SchedulerStats
 
 logger = logging.getLogger(__name__)
 
@@ -135,11 +135,10 @@ class EngineCoreProc:
         """Step while there is work; block on the input socket (with heartbeats) when idle."""
         core = self.engine_core
         while not self.should_exit:
-            has_work = core.has_unfinished_requests() or bool(core._pending_outputs)
-            self._process_input(block=not has_work)
+            self._process_input(block=not core.has_work())
             if self.should_exit:
                 break
-            if core.has_unfinished_requests() or core._pending_outputs:
+            if core.has_work():
                 outputs = core.step()
                 self._send(OutputKind.OUTPUTS, self.encoder.encode(outputs))
             self._maybe_heartbeat()
@@ -167,14 +166,7 @@ class EngineCoreProc:
             except ValueError as exc:
                 # A bad request fails alone; the others are not disturbed.
                 logger.warning("rejected request %s: %s", request.request_id, exc)
-                core._pending_outputs.append(
-                    EngineCoreOutput(
-                        request_id=request.request_id,
-                        new_token_ids=[],
-                        finish_reason="error",
-                        stop_reason=str(exc),
-                    )
-                )
+                core.reject_request(request.request_id, str(exc))
         elif kind == InputKind.ABORT.value:
             core.abort_requests(self.abort_decoder.decode(payload))
         elif kind == InputKind.UTILITY.value:

@@ -4,7 +4,6 @@ their own RoPE base, ``query_pre_attn_scalar`` scaling, optional softcaps, tied 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -16,7 +15,7 @@ from pagedserve.layers.layernorm import GemmaRMSNorm
 from pagedserve.layers.linear import Linear, QKVLinear
 from pagedserve.layers.rotary import RotaryEmbedding, apply_rotary
 from pagedserve.models.llama import LlamaMLP, head_dim_of
-from pagedserve.models.utils import layer_sliding_window, load_weights_into
+from pagedserve.models.utils import CausalLMBase, layer_sliding_window
 
 
 def _layer_type(config: Any, layer_idx: int) -> str:
@@ -111,13 +110,8 @@ class Gemma3TextModel(nn.Module):
         return self.norm(hidden_states)
 
 
-class Gemma3ForCausalLM(nn.Module):
+class Gemma3ForCausalLM(CausalLMBase):
     """Gemma 3 text model with a tied LM head."""
-
-    packed_modules_mapping = {
-        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
-        "gate_up_proj": ["gate_proj", "up_proj"],
-    }
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -130,15 +124,3 @@ class Gemma3ForCausalLM(nn.Module):
             tied_embedding=self.model.embed_tokens if self.tie_word_embeddings else None,
             final_logit_softcapping=getattr(config, "final_logit_softcapping", None),
         )
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Hidden states ``[T, hidden]`` for the flattened batch (inside a forward context)."""
-        return self.model(input_ids, positions)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Float32 logits ``[N, vocab]`` (final softcapping applied)."""
-        return self.lm_head(hidden_states)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        skip = ("lm_head.",) if self.tie_word_embeddings else ()
-        return load_weights_into(self, weights, self.packed_modules_mapping, skip_prefixes=skip)

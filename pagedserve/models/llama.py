@@ -6,7 +6,6 @@ Module names mirror transformers (``model.layers.N.self_attn...``) with fused
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ from pagedserve.layers.embedding import LMHead, VocabEmbedding
 from pagedserve.layers.layernorm import RMSNorm
 from pagedserve.layers.linear import Linear, MergedLinear, QKVLinear
 from pagedserve.layers.rotary import RotaryEmbedding, apply_rotary
-from pagedserve.models.utils import layer_sliding_window, load_weights_into
+from pagedserve.models.utils import CausalLMBase, layer_sliding_window
 
 
 def head_dim_of(config: Any) -> int:
@@ -122,13 +121,8 @@ class LlamaModel(nn.Module):
         return self.norm(hidden_states)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLMBase):
     """Llama (and the architectures that share its layout)."""
-
-    packed_modules_mapping = {
-        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
-        "gate_up_proj": ["gate_proj", "up_proj"],
-    }
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -148,18 +142,6 @@ class LlamaForCausalLM(nn.Module):
         """(qkv bias, o_proj bias, q/k norm)."""
         bias = bool(getattr(config, "attention_bias", False))
         return bias, bias, False
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Hidden states ``[T, hidden]`` for the flattened batch (inside a forward context)."""
-        return self.model(input_ids, positions)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Float32 logits ``[N, vocab]``."""
-        return self.lm_head(hidden_states)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        skip = ("lm_head.",) if self.tie_word_embeddings else ()
-        return load_weights_into(self, weights, self.packed_modules_mapping, skip_prefixes=skip)
 
 
 class MistralForCausalLM(LlamaForCausalLM):

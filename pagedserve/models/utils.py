@@ -101,3 +101,29 @@ def load_weights_into(
         if len(shards) != expected:
             raise ValueError(f"{target}: loaded shards {sorted(shards)} of {expected}")
     return loaded
+
+
+class CausalLMBase(nn.Module):
+    """What every ``*ForCausalLM`` shares: ``self.model`` gives hidden states,
+    ``self.lm_head`` turns them into logits, and checkpoint names load through
+    ``packed_modules_mapping`` (a tied head skips ``lm_head.*`` in the checkpoint)."""
+
+    packed_modules_mapping: dict[str, list[str]] = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
+    model: nn.Module
+    lm_head: nn.Module
+    tie_word_embeddings: bool
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Hidden states ``[T, hidden]`` for the flattened batch (inside a forward context)."""
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Float32 logits ``[N, vocab]`` (final softcapping applied where configured)."""
+        return self.lm_head(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        skip = ("lm_head.",) if self.tie_word_embeddings else ()
+        return load_weights_into(self, weights, self.packed_modules_mapping, skip_prefixes=skip)
