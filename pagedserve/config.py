@@ -1,6 +1,8 @@
 """Frozen engine configuration. Flags / LLM kwargs -> EngineArgs -> EngineConfig.
 
-"auto" values (dtype, max_model_len, KV memory) are resolved before freezing.
+"auto" values (dtype, max_model_len) are resolved before freezing. The KV cache's
+size in blocks is not configuration: the engine core decides it once the model is
+loaded, where the memory is, and reports it as a :class:`KVCacheConfig`.
 """
 
 from __future__ import annotations
@@ -54,9 +56,7 @@ class ModelConfig:
     dtype: torch.dtype
     dtype_reason: str
     max_model_len: int
-    served_model_name: str
     seed: int = 0
-    chat_template: str | None = None
     eos_token_ids: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
@@ -88,25 +88,61 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """The paged KV cache."""
+    """The KV cache budget the user asked for.
+
+    The number of blocks is not known here: the engine core decides it after loading
+    the model, from the attention backend's cache layout and the memory free then
+    (see :class:`KVCacheConfig`).
+    """
 
     block_size: int = 16
-    num_blocks: int = 0  # includes the reserved null block 0
-    kv_cache_memory_bytes: int = 0
+    # Bytes for the KV cache; None: a share of the memory free once the model is loaded.
+    kv_cache_memory_bytes: int | None = None
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
-        if self.num_blocks < 2:
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
             raise ValueError(
-                f"the KV cache needs at least 2 blocks (one is the reserved null block), "
-                f"got {self.num_blocks}; raise kv_cache_memory"
+                f"kv_cache_memory must be positive, got {self.kv_cache_memory_bytes} bytes"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class KVCacheConfig:
+    """The KV cache as the engine core allocated it (vLLM's ``KVCacheConfig``).
+
+    Made by the model runner after the model is loaded; the scheduler's block pool
+    and the start-up report take their numbers from here.
+    """
+
+    num_blocks: int  # includes the reserved null block 0
+    block_size: int  # tokens per block
+    bytes_per_block: int  # one block across all layers (K and V)
+    kv_cache_memory_bytes: int  # num_blocks * bytes_per_block
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.bytes_per_block < 1:
+            raise ValueError(
+                f"block_size and bytes_per_block must be >= 1, got {self.block_size} "
+                f"and {self.bytes_per_block}"
+            )
+        if self.kv_cache_memory_bytes != self.num_blocks * self.bytes_per_block:
+            raise ValueError(
+                f"kv_cache_memory_bytes={self.kv_cache_memory_bytes} is not num_blocks "
+                f"({self.num_blocks}) x bytes_per_block ({self.bytes_per_block})"
             )
 
     @property
     def num_usable_blocks(self) -> int:
+        """Blocks requests can hold: all but the null block."""
         return self.num_blocks - 1
+
+    @property
+    def num_tokens(self) -> int:
+        """KV capacity in tokens."""
+        return self.num_usable_blocks * self.block_size
 
 
 @dataclass(frozen=True)
@@ -114,7 +150,8 @@ class SchedulerConfig:
     """Per-step limits and the scheduling policy."""
 
     max_num_seqs: int = 128
-    max_num_batched_tokens: int = 2048
+    # No default here: EngineArgs._resolve_max_num_batched_tokens is its one home.
+    max_num_batched_tokens: int = field(kw_only=True)
     max_model_len: int = 32768
     long_prefill_token_threshold: int = 0  # 0: a long prefill may take the whole budget
     policy: str = "fcfs"  # "fcfs" or "priority" (lower value first, as vLLM)

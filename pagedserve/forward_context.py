@@ -21,7 +21,8 @@ class ForwardContext:
     """Per-forward state: metadata, and one KV cache tensor per attention layer."""
 
     attn_metadata: CommonAttentionMetadata
-    # kv_caches[layer_idx]: [2, num_blocks, block_size, num_kv_heads, head_dim]
+    # kv_caches[layer_idx]: shaped as the backend's get_kv_cache_shape (torch backend:
+    # [2, num_blocks, block_size, num_kv_heads, head_dim])
     kv_caches: list[torch.Tensor]
     # Backend-specific prepared metadata, built once per forward (e.g. gather indices).
     backend_metadata: Any = None

@@ -1,6 +1,7 @@
 """The attention backend protocol and backend selection.
 
-A backend declares its KV cache layout, prepares its own metadata once per forward
+A backend declares its KV cache layout (``get_kv_cache_shape``, from which the model
+runner sizes and allocates the cache), prepares its own metadata once per forward
 from the :class:`CommonAttentionMetadata` (``build_metadata``), and computes attention
 for one layer (``forward``). The model runner calls ``build_metadata`` once per step
 and stores the result in ``ForwardContext.backend_metadata``; attention layers pass it
@@ -22,10 +23,14 @@ class AttentionBackend(Protocol):
 
     name: str
 
+    @staticmethod
     def get_kv_cache_shape(
-        self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+        num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
     ) -> tuple[int, ...]:
-        """Shape of one layer's KV cache tensor (K and V stacked on dim 0)."""
+        """Shape of one layer's KV cache tensor (K and V stacked on dim 0).
+
+        Proportional to ``num_blocks``: the model runner sizes the cache from it.
+        """
         ...
 
     def build_metadata(self, common: CommonAttentionMetadata) -> Any:

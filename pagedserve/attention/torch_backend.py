@@ -367,8 +367,9 @@ class TorchAttentionBackend:
 
     name = "torch"
 
+    @staticmethod
     def get_kv_cache_shape(
-        self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+        num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
     ) -> tuple[int, ...]:
         return (2, num_blocks, block_size, num_kv_heads, head_dim)
 

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from pagedserve.core.block_pool import BlockPool
-from pagedserve.core.kv_cache_utils import KVCacheBlock, update_request_block_hashes
+from pagedserve.core.kv_cache_utils import KVCacheBlock
 from pagedserve.core.request import Request
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,6 @@ class KVCacheManager:
         """
         if not self.can_use_prefix_cache(request):
             return [], 0
-        update_request_block_hashes(request, self.block_size)
         block_size = self.block_size
         max_num_hit_blocks = (request.num_tokens - 1) // block_size
         token_ids = request.all_token_ids
@@ -182,7 +181,7 @@ class KVCacheManager:
             block_ids.extend(block.block_id for block in new_blocks)
 
         if self.enable_caching:
-            update_request_block_hashes(request, self.block_size)
+            # The request keeps its block hashes current (the scheduler gave it a hasher).
             num_full_blocks = min(num_total_tokens, request.num_tokens) // self.block_size
             num_cached = self.num_cached_blocks[request_id]
             if num_full_blocks > num_cached:
@@ -227,6 +226,11 @@ class KVCacheManager:
 
     def get_blocks(self, request_id: str) -> list[KVCacheBlock]:
         return self.req_to_blocks.get(request_id, [])
+
+    def get_num_blocks(self, request_id: str) -> int:
+        """How many blocks the request holds (the length of its block table row)."""
+        block_ids = self.req_to_block_ids.get(request_id)
+        return len(block_ids) if block_ids is not None else 0
 
     def get_block_ids(self, request_id: str) -> list[int]:
         """The request's block table row (a copy); empty when it holds no blocks."""

@@ -1,4 +1,8 @@
-"""Prefix hashing, KV cache blocks and the intrusive free-block queue."""
+"""Prefix hashing, KV cache blocks and the intrusive free-block queue.
+
+Nothing here knows a ``Request``: requests hash their own blocks with a
+:class:`BlockHasher`, and the pool and manager read ``request.block_hashes``.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,7 @@ import struct
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NewType
-
-if TYPE_CHECKING:
-    from pagedserve.core.request import Request
+from typing import Any, NewType
 
 # A block hash is the sha256 digest (32 bytes) of the parent's hash, the block's
 # token ids and its extra keys. sha256 makes accidental collisions practically
@@ -44,41 +45,43 @@ def hash_block_tokens(
     return BlockHash(hasher.digest())
 
 
-def generate_block_extra_keys(request: Request, block_index: int) -> tuple[Any, ...] | None:
-    """Extra keys mixed into a block's hash: the cache salt, on the first block only.
+class BlockHasher:
+    """Hashes the newly full blocks of a token sequence, for one block size.
 
-    The salt on the first block changes every hash of the chain, so requests with
-    different salts never share blocks.
+    A request holds one (``Request.set_block_hasher``) and extends its
+    ``block_hashes`` with it whenever tokens arrive, so hashes are computed once.
+    The cache salt is an extra key of the first block: it changes every hash of the
+    chain, so requests with different salts never share blocks.
     """
-    if block_index == 0 and request.cache_salt:
-        return (request.cache_salt,)
-    return None
 
+    __slots__ = ("block_size",)
 
-def update_request_block_hashes(request: Request, block_size: int) -> list[BlockHash]:
-    """Append the hashes of the request's newly full blocks; return the new ones.
+    def __init__(self, block_size: int) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.block_size = block_size
 
-    Incremental: existing hashes are never recomputed. Call it when a request is
-    added and after tokens are appended.
-    """
-    hashes = request.block_hashes
-    num_full_blocks = request.num_tokens // block_size
-    start = len(hashes)
-    if start >= num_full_blocks:
-        return []
-    token_ids = request.all_token_ids
-    parent = hashes[-1] if hashes else NONE_HASH
-    new_hashes: list[BlockHash] = []
-    for block_index in range(start, num_full_blocks):
-        begin = block_index * block_size
-        parent = hash_block_tokens(
-            parent,
-            token_ids[begin : begin + block_size],
-            generate_block_extra_keys(request, block_index),
-        )
-        new_hashes.append(parent)
-    hashes.extend(new_hashes)
-    return new_hashes
+    def __call__(
+        self,
+        token_ids: Sequence[int],
+        block_hashes: Sequence[BlockHash],
+        cache_salt: str | None = None,
+    ) -> list[BlockHash]:
+        """The hashes of the full blocks of ``token_ids`` after the ``len(block_hashes)``
+        already hashed (which are never recomputed)."""
+        block_size = self.block_size
+        num_full_blocks = len(token_ids) // block_size
+        start = len(block_hashes)
+        if start >= num_full_blocks:
+            return []
+        parent = block_hashes[-1] if block_hashes else NONE_HASH
+        new_hashes: list[BlockHash] = []
+        for block_index in range(start, num_full_blocks):
+            begin = block_index * block_size
+            extra_keys = (cache_salt,) if block_index == 0 and cache_salt else None
+            parent = hash_block_tokens(parent, token_ids[begin : begin + block_size], extra_keys)
+            new_hashes.append(parent)
+        return new_hashes
 
 
 @dataclass(eq=False, slots=True)

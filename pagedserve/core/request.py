@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import TYPE_CHECKING
 
+from pagedserve.core.kv_cache_utils import BlockHash, BlockHasher
 from pagedserve.sampling_params import SamplingParams
-
-if TYPE_CHECKING:
-    from pagedserve.core.kv_cache_utils import BlockHash
 
 
 class RequestStatus(enum.IntEnum):
@@ -46,6 +43,9 @@ class Request:
     Progress is one number: ``num_computed_tokens`` counts the tokens of
     ``all_token_ids`` whose KV is in the cache. Each step the scheduler gives the
     request ``num_tokens - num_computed_tokens`` (capped) new tokens to compute.
+
+    With a block hasher (prefix caching on), the request keeps ``block_hashes``, the
+    chained hashes of its full blocks, current as tokens arrive.
     """
 
     def __init__(
@@ -56,6 +56,7 @@ class Request:
         arrival_time: float | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
+        block_hasher: BlockHasher | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -76,6 +77,9 @@ class Request:
         self.num_preemptions = 0
         # Chained hashes of the full blocks of all_token_ids, appended as tokens arrive.
         self.block_hashes: list[BlockHash] = []
+        self.block_hasher: BlockHasher | None = None
+        if block_hasher is not None:
+            self.set_block_hasher(block_hasher)
         # Set by the engine: timestamps for metrics.
         self.first_scheduled_time: float | None = None
 
@@ -105,6 +109,21 @@ class Request:
             token_ids = [token_ids]
         self._output_token_ids.extend(token_ids)
         self._all_token_ids.extend(token_ids)
+        if self.block_hasher is not None:
+            self._hash_new_full_blocks()
+
+    def set_block_hasher(self, block_hasher: BlockHasher) -> None:
+        """Hash this request's full blocks with ``block_hasher``, now and as tokens arrive."""
+        if self.block_hasher is not None and self.block_hasher.block_size != block_hasher.block_size:
+            self.block_hashes = []
+        self.block_hasher = block_hasher
+        self._hash_new_full_blocks()
+
+    def _hash_new_full_blocks(self) -> None:
+        assert self.block_hasher is not None
+        self.block_hashes.extend(
+            self.block_hasher(self._all_token_ids, self.block_hashes, self.cache_salt)
+        )
 
     def is_finished(self) -> bool:
         return RequestStatus.is_finished(self.status)

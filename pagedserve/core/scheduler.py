@@ -5,15 +5,43 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
-from pagedserve.config import CacheConfig, SchedulerConfig
+from pagedserve.config import CacheConfig, KVCacheConfig, SchedulerConfig
 from pagedserve.core.kv_cache_manager import KVCacheManager, PrefixCacheStats
-from pagedserve.core.kv_cache_utils import update_request_block_hashes
+from pagedserve.core.kv_cache_utils import BlockHasher
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.request_queue import create_request_queue
-from pagedserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from pagedserve.core.sched_output import (
+    CachedRequestData,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+)
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _StepPlan:
+    """The step being scheduled: what is in the batch so far and the budget left."""
+
+    token_budget: int
+    cached_reqs: CachedRequestData = field(default_factory=CachedRequestData)
+    new_reqs: list[NewRequestData] = field(default_factory=list)
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    preempted: bool = False
+
+    def add_tokens(self, request_id: str, num_new_tokens: int) -> None:
+        self.num_scheduled_tokens[request_id] = num_new_tokens
+        self.token_budget -= num_new_tokens
+
+    def unschedule(self, request_id: str) -> None:
+        """Take a running request scheduled earlier in this step back out of the batch."""
+        num_tokens = self.num_scheduled_tokens.pop(request_id, None)
+        if num_tokens is not None:
+            self.token_budget += num_tokens
+            self.cached_reqs.remove(request_id)
 
 
 class Scheduler:
@@ -28,9 +56,20 @@ class Scheduler:
     in that step.
     """
 
-    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig) -> None:
+    def __init__(
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        kv_cache_config: KVCacheConfig,
+    ) -> None:
+        if kv_cache_config.block_size != cache_config.block_size:
+            raise ValueError(
+                f"the KV cache has blocks of {kv_cache_config.block_size} tokens, "
+                f"block_size is {cache_config.block_size}"
+            )
         self.scheduler_config = scheduler_config
         self.cache_config = cache_config
+        self.kv_cache_config = kv_cache_config
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
         self.max_model_len = scheduler_config.max_model_len
@@ -38,8 +77,10 @@ class Scheduler:
         self.policy = scheduler_config.policy
         self.block_size = cache_config.block_size
         self.enable_caching = cache_config.enable_prefix_caching
+        # Requests hash their full blocks as tokens arrive (prefix caching only).
+        self.block_hasher = BlockHasher(cache_config.block_size) if self.enable_caching else None
         self.kv_cache_manager = KVCacheManager(
-            num_blocks=cache_config.num_blocks,
+            num_blocks=kv_cache_config.num_blocks,
             block_size=cache_config.block_size,
             enable_caching=cache_config.enable_prefix_caching,
             max_model_len=scheduler_config.max_model_len,
@@ -68,8 +109,8 @@ class Scheduler:
                 f"max_model_len={self.max_model_len}"
             )
         request.status = RequestStatus.WAITING
-        if self.enable_caching:
-            update_request_block_hashes(request, self.block_size)
+        if self.block_hasher is not None:
+            request.set_block_hasher(self.block_hasher)
         self.requests[request.request_id] = request
         self.waiting.add_request(request)
 
@@ -118,103 +159,105 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Decide this step's work. See the class docstring for the policy."""
-        token_budget = self.max_num_batched_tokens
-        threshold = self.long_prefill_token_threshold
-        kv_cache_manager = self.kv_cache_manager
-        scheduled_running: list[Request] = []
-        scheduled_new: list[Request] = []
-        num_scheduled_tokens: dict[str, int] = {}
-        block_ids: dict[str, list[int]] = {}
-        preempted = False
+        step = _StepPlan(token_budget=self.max_num_batched_tokens)
+        self._schedule_running(step)
+        if not step.preempted:
+            self._schedule_waiting(step)
+        scheduler_output = SchedulerOutput(
+            scheduled_new_reqs=step.new_reqs,
+            scheduled_cached_reqs=step.cached_reqs,
+            num_scheduled_tokens=step.num_scheduled_tokens,
+            total_num_scheduled_tokens=self.max_num_batched_tokens - step.token_budget,
+            finished_req_ids=self.finished_req_ids,
+            preempted_req_ids=self.preempted_req_ids,
+        )
+        assert scheduler_output.total_num_scheduled_tokens == sum(
+            step.num_scheduled_tokens.values()
+        )
+        self.finished_req_ids = set()
+        self.preempted_req_ids = set()
+        return scheduler_output
 
-        # 1. Running requests, in admission order.
+    def _num_new_tokens(self, request: Request, num_computed_tokens: int, token_budget: int) -> int:
+        num_new_tokens = request.num_tokens - num_computed_tokens
+        threshold = self.long_prefill_token_threshold
+        if 0 < threshold < num_new_tokens:
+            num_new_tokens = threshold
+        return min(num_new_tokens, token_budget, self.max_model_len - num_computed_tokens)
+
+    def _schedule_running(self, step: _StepPlan) -> None:
+        """Running requests, in admission order; preempt when blocks run out."""
+        kv_cache_manager = self.kv_cache_manager
         req_index = 0
-        while req_index < len(self.running) and token_budget > 0:
+        while req_index < len(self.running) and step.token_budget > 0:
             request = self.running[req_index]
-            num_new_tokens = request.num_tokens - request.num_computed_tokens
-            if 0 < threshold < num_new_tokens:
-                num_new_tokens = threshold
-            num_new_tokens = min(
-                num_new_tokens, token_budget, self.max_model_len - request.num_computed_tokens
+            num_new_tokens = self._num_new_tokens(
+                request, request.num_computed_tokens, step.token_budget
             )
             if num_new_tokens <= 0:
                 req_index += 1
                 continue
+            num_old_blocks = kv_cache_manager.get_num_blocks(request.request_id)
             while True:
-                new_block_ids = kv_cache_manager.allocate_slots(request, num_new_tokens)
-                if new_block_ids is not None:
+                block_ids = kv_cache_manager.allocate_slots(request, num_new_tokens)
+                if block_ids is not None:
                     break
                 victim_index = self._select_victim_index()
                 victim = self.running.pop(victim_index)
-                if victim.request_id in num_scheduled_tokens:
-                    # Scheduled earlier in this step: take it back out of the batch.
-                    token_budget += num_scheduled_tokens.pop(victim.request_id)
-                    del block_ids[victim.request_id]
-                    scheduled_running.remove(victim)
+                step.unschedule(victim.request_id)
                 if victim_index < req_index:
                     req_index -= 1
                 self._preempt(victim)
-                preempted = True
+                step.preempted = True
                 if victim is request:
                     break
-            if new_block_ids is None:
+            if block_ids is None:
                 # The request preempted itself; the one now at req_index is next.
                 continue
-            scheduled_running.append(request)
-            num_scheduled_tokens[request.request_id] = num_new_tokens
-            block_ids[request.request_id] = new_block_ids
-            token_budget -= num_new_tokens
+            step.cached_reqs.append(
+                request.request_id, block_ids[num_old_blocks:], request.num_computed_tokens
+            )
+            step.add_tokens(request.request_id, num_new_tokens)
             req_index += 1
 
-        # 2. Waiting requests, in queue order, unless this step preempted.
-        if not preempted:
-            while self.waiting and token_budget > 0 and len(self.running) < self.max_num_seqs:
-                request = self.waiting.peek_request()
-                if request.num_computed_tokens == 0:
-                    computed_blocks, num_hit_tokens = kv_cache_manager.get_computed_blocks(
-                        request
-                    )
-                else:
-                    computed_blocks, num_hit_tokens = [], 0
-                num_computed_tokens = request.num_computed_tokens + num_hit_tokens
-                num_new_tokens = request.num_tokens - num_computed_tokens
-                if 0 < threshold < num_new_tokens:
-                    num_new_tokens = threshold
-                num_new_tokens = min(num_new_tokens, token_budget)
-                assert num_new_tokens > 0
-                new_block_ids = kv_cache_manager.allocate_slots(
-                    request, num_new_tokens, computed_blocks, num_hit_tokens
+    def _schedule_waiting(self, step: _StepPlan) -> None:
+        """Admit waiting requests in queue order while budget, seats and blocks remain."""
+        kv_cache_manager = self.kv_cache_manager
+        while self.waiting and step.token_budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting.peek_request()
+            if request.num_computed_tokens == 0:
+                computed_blocks, num_hit_tokens = kv_cache_manager.get_computed_blocks(request)
+            else:
+                computed_blocks, num_hit_tokens = [], 0
+            num_computed_tokens = request.num_computed_tokens + num_hit_tokens
+            num_new_tokens = self._num_new_tokens(request, num_computed_tokens, step.token_budget)
+            assert num_new_tokens > 0
+            block_ids = kv_cache_manager.allocate_slots(
+                request, num_new_tokens, computed_blocks, num_hit_tokens
+            )
+            if block_ids is None:
+                # Out of blocks: keep queue order, admit nothing further.
+                break
+            self.waiting.pop_request()
+            kv_cache_manager.record_prefix_cache_query(request, num_hit_tokens)
+            request.num_computed_tokens = num_computed_tokens
+            request.status = RequestStatus.RUNNING
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit_tokens
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.time()
+            self.running.append(request)
+            step.new_reqs.append(
+                NewRequestData(
+                    req_id=request.request_id,
+                    prompt_token_ids=request.prompt_token_ids,
+                    sampling_params=request.sampling_params,
+                    block_ids=block_ids,
+                    num_computed_tokens=num_computed_tokens,
+                    output_token_ids=list(request.output_token_ids),
                 )
-                if new_block_ids is None:
-                    # Out of blocks: keep queue order, admit nothing further.
-                    break
-                self.waiting.pop_request()
-                kv_cache_manager.record_prefix_cache_query(request, num_hit_tokens)
-                request.num_computed_tokens = num_computed_tokens
-                request.status = RequestStatus.RUNNING
-                if request.num_cached_tokens < 0:
-                    request.num_cached_tokens = num_hit_tokens
-                if request.first_scheduled_time is None:
-                    request.first_scheduled_time = time.time()
-                self.running.append(request)
-                scheduled_new.append(request)
-                num_scheduled_tokens[request.request_id] = num_new_tokens
-                block_ids[request.request_id] = new_block_ids
-                token_budget -= num_new_tokens
-
-        scheduler_output = SchedulerOutput(
-            scheduled_requests=scheduled_running + scheduled_new,
-            num_scheduled_tokens=num_scheduled_tokens,
-            total_num_scheduled_tokens=self.max_num_batched_tokens - token_budget,
-            block_ids=block_ids,
-            new_req_ids={request.request_id for request in scheduled_new},
-            finished_req_ids=self.finished_req_ids,
-            preempted_req_ids=self.preempted_req_ids,
-        )
-        assert scheduler_output.total_num_scheduled_tokens == sum(num_scheduled_tokens.values())
-        self.finished_req_ids = set()
-        self.preempted_req_ids = set()
-        return scheduler_output
+            )
+            step.add_tokens(request.request_id, num_new_tokens)
 
     def _select_victim_index(self) -> int:
         """The running request to preempt: the last arrived (fcfs), or the one with
@@ -259,14 +302,15 @@ class Scheduler:
         """
         self.kv_cache_manager.mark_blocks_computed()
         sampled_token_ids = model_runner_output.sampled_token_ids
+        num_scheduled_tokens = scheduler_output.num_scheduled_tokens
         outputs: list[Request] = []
         stopped: set[int] = set()
-        for request in scheduler_output.scheduled_requests:
-            request_id = request.request_id
-            if request.is_finished() or self.requests.get(request_id) is not request:
+        for request_id in scheduler_output.scheduled_req_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
                 # Aborted while the step ran.
                 continue
-            request.num_computed_tokens += scheduler_output.num_scheduled_tokens[request_id]
+            request.num_computed_tokens += num_scheduled_tokens[request_id]
             assert request.num_computed_tokens <= request.num_tokens
             token_id = sampled_token_ids.get(request_id)
             if token_id is None:
@@ -275,8 +319,6 @@ class Scheduler:
                 f"{request_id}: a token was sampled for a partial prefill chunk"
             )
             request.append_output_token_ids(int(token_id))
-            if self.enable_caching:
-                update_request_block_hashes(request, self.block_size)
             if self._check_stop(request):
                 stopped.add(id(request))
                 self._free_request(request)

@@ -10,7 +10,7 @@ import logging
 import time
 
 from pagedserve import platform
-from pagedserve.config import EngineConfig
+from pagedserve.config import EngineConfig, KVCacheConfig
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from pagedserve.core.scheduler import Scheduler
@@ -25,7 +25,12 @@ logger = logging.getLogger(__name__)
 
 
 class EngineCore:
-    """Owns the scheduler and model runner; turns requests into per-step outputs."""
+    """Owns the scheduler and model runner; turns requests into per-step outputs.
+
+    Start-up loads the model, then sizes the KV cache where the memory is (this
+    process, this device, after the weights took theirs): ``kv_cache_config`` says
+    how many blocks the scheduler's pool and the runner's caches have.
+    """
 
     def __init__(self, engine_config: EngineConfig) -> None:
         from pagedserve.worker.model_runner import ModelRunner
@@ -35,10 +40,11 @@ class EngineCore:
         start = time.perf_counter()
         self.model_runner = ModelRunner(engine_config)
         self.model_runner.load_model()
-        self.model_runner.initialize_kv_cache()
+        self.kv_cache_config: KVCacheConfig = self.model_runner.determine_kv_cache_config()
+        self.model_runner.initialize_kv_cache(self.kv_cache_config)
         self.load_seconds = time.perf_counter() - start
         self.scheduler = Scheduler(
-            engine_config.scheduler_config, engine_config.cache_config
+            engine_config.scheduler_config, engine_config.cache_config, self.kv_cache_config
         )
         self._eos_token_ids = set(engine_config.model_config.eos_token_ids)
         # Outputs for requests that ended outside a step (aborts), sent with the next step.
@@ -66,6 +72,14 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
+    def get_num_unfinished_requests(self) -> int:
+        """Requests waiting or running."""
+        return self.scheduler.get_num_unfinished_requests()
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block; only possible (True) while none is in use."""
+        return bool(self.scheduler.reset_prefix_cache())
+
     def has_work(self) -> bool:
         """Requests to step, or outputs waiting to go out with the next step."""
         return bool(self._pending_outputs) or self.scheduler.has_unfinished_requests()
@@ -91,9 +105,10 @@ class EngineCore:
         try:
             runner_output = self.model_runner.execute_model(scheduler_output)
         except Exception:
-            logger.exception("model execution failed; failing the %d requests of this step",
-                             len(scheduler_output.scheduled_requests))
-            failed = [r.request_id for r in scheduler_output.scheduled_requests]
+            failed = scheduler_output.scheduled_req_ids
+            logger.exception(
+                "model execution failed; failing the %d requests of this step", len(failed)
+            )
             self.scheduler.finish_requests(failed, RequestStatus.FINISHED_ERROR)
             outputs.extend(
                 EngineCoreOutput(request_id=rid, new_token_ids=[], finish_reason="error")
@@ -142,7 +157,8 @@ class EngineCore:
                 )
         return results
 
-    def make_stats(self, num_scheduled_tokens: int) -> SchedulerStats:
+    def make_stats(self, num_scheduled_tokens: int = 0) -> SchedulerStats:
+        """The scheduler's state now, for the front end's metrics."""
         scheduler = self.scheduler
         prefix = scheduler.prefix_cache_stats
         return SchedulerStats(

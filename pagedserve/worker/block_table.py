@@ -8,9 +8,9 @@ import numpy as np
 class BlockTable:
     """One row of block ids per live request, kept on the host across steps.
 
-    Rows are rebuilt for a request that (re)enters the batch and only appended to
-    afterwards: the scheduler hands the full block list every step, but a running
-    request's list only grows, so copying the new tail is enough.
+    Rows are rebuilt for a request that (re)enters the batch (the scheduler hands its
+    full block list) and only appended to afterwards (the scheduler hands the blocks
+    allocated since the previous step).
     """
 
     def __init__(self, max_num_reqs: int, max_num_blocks_per_req: int, block_size: int) -> None:
@@ -40,18 +40,12 @@ class BlockTable:
             self.block_table_np[row, num_blocks:old] = 0
         self.num_blocks_np[row] = num_blocks
 
-    def update_row(self, row: int, block_ids: list[int]) -> None:
-        """Bring ``row`` up to date with the full block list (appends the new tail)."""
+    def append_row(self, row: int, new_block_ids: list[int]) -> None:
+        """Append the blocks a running request got this step to ``row``."""
         old = int(self.num_blocks_np[row])
-        num_blocks = len(block_ids)
-        if num_blocks == old:
-            return
-        if num_blocks < old:
-            # Not expected for a running request; rebuild to stay correct.
-            self.set_row(row, block_ids)
-            return
+        num_blocks = old + len(new_block_ids)
         self._check_len(num_blocks)
-        self.block_table_np[row, old:num_blocks] = block_ids[old:]
+        self.block_table_np[row, old:num_blocks] = new_block_ids
         self.num_blocks_np[row] = num_blocks
 
     def clear_row(self, row: int) -> None:

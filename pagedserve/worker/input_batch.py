@@ -1,7 +1,10 @@
 """The persistent input batch: per-request rows and the flattening of one step.
 
-Each live request owns a row (block table row and sampling parameters) from the
-step it enters the batch until it finishes or is preempted; rows are reused.
+The runner keeps its own state per request (:class:`CachedRequestState`), built from
+the scheduler's plain ``NewRequestData`` and updated from ``CachedRequestData`` and
+the tokens it samples; it never sees the scheduler's ``Request`` objects. Each live
+request owns a row (block table row and sampling parameters) from the step it
+enters the batch until it finishes or is preempted; rows are reused.
 ``prepare_inputs`` turns a ``SchedulerOutput`` into the flat tensors of one forward
 pass (design.md, "Flattening a batch") with vectorized numpy into persistent
 buffers; the only Python loop is over the batch's requests, to slice token ids.
@@ -16,9 +19,9 @@ import numpy as np
 import torch
 
 from pagedserve.attention.metadata import CommonAttentionMetadata
-from pagedserve.core.request import Request
-from pagedserve.core.sched_output import SchedulerOutput
+from pagedserve.core.sched_output import NewRequestData, SchedulerOutput
 from pagedserve.layers.sampler import SamplingMetadata
+from pagedserve.sampling_params import SamplingParams
 from pagedserve.worker.block_table import BlockTable
 from pagedserve.worker.sampling_metadata import RowSamplingParams
 
@@ -44,13 +47,45 @@ class _StagingBuffer:
         return self.dev[:n].copy_(self.cpu[:n], non_blocking=True)
 
 
-@dataclass
+@dataclass(eq=False, slots=True)
 class CachedRequestState:
-    """Runner state of a request that survives preemption; dropped when it finishes."""
+    """The runner's own copy of one request.
 
+    Built from ``NewRequestData``; ``num_computed_tokens`` is set from the scheduler
+    each step and sampled tokens are appended by the runner. It survives preemption
+    (the generator's state, the prompt logprobs already sent) and is dropped when
+    the request finishes.
+    """
+
+    req_id: str
+    prompt_token_ids: list[int]  # read-only (may be shared with the scheduler)
+    sampling_params: SamplingParams
+    num_computed_tokens: int
+    output_token_ids: list[int]
+    token_ids: list[int]  # prompt + output
     generator: torch.Generator | None = None
     # Index of the next prompt token whose prompt logprobs are due (token 0 has none).
     next_prompt_logprob_index: int = 1
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    def reset(self, new_request: NewRequestData) -> None:
+        """Take the scheduler's view of a request that (re)enters the batch."""
+        self.prompt_token_ids = new_request.prompt_token_ids
+        self.sampling_params = new_request.sampling_params
+        self.num_computed_tokens = new_request.num_computed_tokens
+        self.output_token_ids = list(new_request.output_token_ids)
+        self.token_ids = new_request.prompt_token_ids + self.output_token_ids
+
+    def append_output_token_id(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.token_ids.append(token_id)
 
 
 @dataclass
@@ -60,7 +95,7 @@ class StepInputs:
     input_ids: torch.Tensor  # [T] int64, device
     positions: torch.Tensor  # [T] int64, device
     attn_metadata: CommonAttentionMetadata
-    requests: list[Request]  # batch order
+    requests: list[CachedRequestState]  # batch order
     rows: np.ndarray  # [num_reqs] row of each request
     num_scheduled_np: np.ndarray  # [num_reqs]
     sample_indices: np.ndarray  # [S] batch indices of requests that sample this step
@@ -112,25 +147,16 @@ class InputBatch:
         return len(self.req_id_to_row)
 
     # -------------------------------------------------------------------- rows
-    def _add_row(self, request: Request, block_ids: list[int]) -> int:
+    def _add_row(self, state: CachedRequestState, block_ids: list[int]) -> int:
         if not self._free_rows:
             raise RuntimeError(
                 f"input batch is full ({self.max_num_reqs} rows): the scheduler ran more "
                 f"requests than max_num_seqs"
             )
-        request_id = request.request_id
         row = self._free_rows.pop()
-        self.req_id_to_row[request_id] = row
+        self.req_id_to_row[state.req_id] = row
         self.block_table.set_row(row, block_ids)
-        state = self.request_states.get(request_id)
-        if state is None:
-            state = CachedRequestState()
-            seed = request.sampling_params.seed
-            if seed is not None:
-                state.generator = torch.Generator(device=self.device)
-                state.generator.manual_seed(seed)
-            self.request_states[request_id] = state
-        self.sampling.set_row(row, request, state.generator)
+        self.sampling.set_row(row, state.sampling_params, state.prompt_token_ids, state.generator)
         return row
 
     def _remove_row(self, request_id: str) -> None:
@@ -141,6 +167,28 @@ class InputBatch:
         self.sampling.clear_row(row)
         self._free_rows.append(row)
 
+    def _make_state(self, new_request: NewRequestData) -> CachedRequestState:
+        """The state of a request entering the batch; a resumed one keeps its generator."""
+        state = self.request_states.get(new_request.req_id)
+        if state is not None:
+            state.reset(new_request)
+            return state
+        output_token_ids = list(new_request.output_token_ids)
+        state = CachedRequestState(
+            req_id=new_request.req_id,
+            prompt_token_ids=new_request.prompt_token_ids,
+            sampling_params=new_request.sampling_params,
+            num_computed_tokens=new_request.num_computed_tokens,
+            output_token_ids=output_token_ids,
+            token_ids=new_request.prompt_token_ids + output_token_ids,
+        )
+        seed = new_request.sampling_params.seed
+        if seed is not None:
+            state.generator = torch.Generator(device=self.device)
+            state.generator.manual_seed(seed)
+        self.request_states[new_request.req_id] = state
+        return state
+
     def update_states(self, scheduler_output: SchedulerOutput) -> None:
         """Drop finished/preempted rows, (re)build rows of new requests, append new blocks."""
         for request_id in scheduler_output.finished_req_ids:
@@ -148,36 +196,41 @@ class InputBatch:
             self.request_states.pop(request_id, None)
         for request_id in scheduler_output.preempted_req_ids:
             self._remove_row(request_id)
-        new_req_ids = scheduler_output.new_req_ids
-        block_ids = scheduler_output.block_ids
-        req_id_to_row = self.req_id_to_row
-        for request in scheduler_output.scheduled_requests:
-            request_id = request.request_id
-            row = req_id_to_row.get(request_id)
-            if row is None or request_id in new_req_ids:
-                if row is not None:
-                    self._remove_row(request_id)
-                self._add_row(request, block_ids[request_id])
-            else:
-                self.block_table.update_row(row, block_ids[request_id])
+        for new_request in scheduler_output.scheduled_new_reqs:
+            self._remove_row(new_request.req_id)
+            self._add_row(self._make_state(new_request), new_request.block_ids)
+        cached = scheduler_output.scheduled_cached_reqs
+        states = self.request_states
+        for request_id, new_block_ids, num_computed_tokens in zip(
+            cached.req_ids, cached.new_block_ids, cached.num_computed_tokens, strict=True
+        ):
+            row = self.req_id_to_row.get(request_id)
+            if row is None:
+                raise RuntimeError(f"request {request_id} was scheduled without entering the batch")
+            if new_block_ids:
+                self.block_table.append_row(row, new_block_ids)
+            states[request_id].num_computed_tokens = num_computed_tokens
 
     # -------------------------------------------------------------- flattening
-    def prepare_inputs(self, scheduler_output: SchedulerOutput) -> StepInputs:
-        """Flatten the scheduled requests into one forward pass (call after update_states)."""
-        requests = scheduler_output.scheduled_requests
-        num_scheduled_tokens = scheduler_output.num_scheduled_tokens
+    def _gather_tokens(
+        self, requests: list[CachedRequestState], num_scheduled_tokens: dict[str, int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+        """Write the scheduled token ids into the input-ids buffer, in batch order.
+
+        Returns per request its row, num_computed_tokens, scheduled and total token
+        counts, and the number of tokens written.
+        """
         req_id_to_row = self.req_id_to_row
-        num_reqs = len(requests)
         rows_list: list[int] = []
         computed_list: list[int] = []
         scheduled_list: list[int] = []
         total_list: list[int] = []
         token_ids: list[int] = []
         for request in requests:
-            request_id = request.request_id
+            request_id = request.req_id
             num_new = num_scheduled_tokens[request_id]
             start = request.num_computed_tokens
-            all_token_ids = request.all_token_ids
+            all_token_ids = request.token_ids
             if num_new == 1:
                 token_ids.append(all_token_ids[start])
             else:
@@ -192,17 +245,29 @@ class InputBatch:
                 f"{num_tokens} scheduled tokens exceed max_num_batched_tokens="
                 f"{self.max_num_batched_tokens}"
             )
+        self._input_ids.np[:num_tokens] = token_ids
+        return (
+            np.array(rows_list, dtype=np.int64),
+            np.array(computed_list, dtype=np.int32),
+            np.array(scheduled_list, dtype=np.int32),
+            np.array(total_list, dtype=np.int32),
+            num_tokens,
+        )
 
-        rows = np.array(rows_list, dtype=np.int64)
-        num_computed = np.array(computed_list, dtype=np.int32)
-        num_scheduled = np.array(scheduled_list, dtype=np.int32)
+    def prepare_inputs(self, scheduler_output: SchedulerOutput) -> StepInputs:
+        """Flatten the scheduled requests into one forward pass (call after update_states)."""
+        request_states = self.request_states
+        requests = [request_states[rid] for rid in scheduler_output.scheduled_req_ids]
+        num_reqs = len(requests)
+        rows, num_computed, num_scheduled, num_tokens_total, num_tokens = self._gather_tokens(
+            requests, scheduler_output.num_scheduled_tokens
+        )
         seq_lens_np = self._seq_lens.np[:num_reqs]
         np.add(num_computed, num_scheduled, out=seq_lens_np)
         query_start_loc_np = self._query_start_loc.np[: num_reqs + 1]
         query_start_loc_np[0] = 0
         np.cumsum(num_scheduled, out=query_start_loc_np[1:])
 
-        self._input_ids.np[:num_tokens] = token_ids
         positions_np = self._positions.np[:num_tokens]
         if num_tokens == num_reqs:  # decode-only: one token per request
             token_req_indices = self._arange_np[:num_reqs]
@@ -221,7 +286,7 @@ class InputBatch:
             batch_block_table, token_req_indices, positions_np, self._slot_mapping.np[:num_tokens]
         )
 
-        sample_indices = np.flatnonzero(seq_lens_np >= np.array(total_list, dtype=np.int32))
+        sample_indices = np.flatnonzero(seq_lens_np >= num_tokens_total)
         logits_indices_np = query_start_loc_np[1:][sample_indices].astype(np.int64) - 1
 
         attn_metadata = CommonAttentionMetadata(
@@ -254,9 +319,9 @@ class InputBatch:
         sample_indices = step.sample_indices
         requests = step.requests
         if len(sample_indices) == len(requests):
-            sample_requests = requests
+            output_token_ids = [request.output_token_ids for request in requests]
         else:
-            sample_requests = [requests[i] for i in sample_indices.tolist()]
+            output_token_ids = [requests[i].output_token_ids for i in sample_indices.tolist()]
         return self.sampling.build(
-            step.rows[sample_indices], sample_requests, self.default_generator
+            step.rows[sample_indices], output_token_ids, self.default_generator
         )

@@ -10,13 +10,17 @@ import numpy as np
 import torch
 
 from pagedserve import platform
-from pagedserve.config import EngineConfig
+from pagedserve.config import EngineConfig, KVCacheConfig
 from pagedserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from pagedserve.forward_context import ForwardContext, set_forward_context
 from pagedserve.layers.logprobs import compute_logprobs
 from pagedserve.layers.sampler import Sampler
 from pagedserve.worker.input_batch import InputBatch, StepInputs
-from pagedserve.worker.kv_cache import allocate_kv_caches
+from pagedserve.worker.kv_cache import (
+    allocate_kv_caches,
+    determine_kv_cache_config,
+    kv_cache_bytes_per_block,
+)
 
 if TYPE_CHECKING:
     from pagedserve.attention.backend import AttentionBackend
@@ -33,11 +37,17 @@ TokenLogprobs = list[tuple[int, float, int]]
 class ModelRunner:
     """Owns the model, the KV caches and the persistent input batch.
 
+    Set-up: ``load_model()``, then ``determine_kv_cache_config()`` (sizes the cache
+    from the backend's layout and the memory free now), then
+    ``initialize_kv_cache(kv_cache_config)``.
+
     ``execute_model`` flattens the scheduled requests, runs one forward pass inside a
     forward context, computes logits only at the last scheduled position of each
     request that samples (a partial prefill chunk does not), samples, and returns the
-    tokens keyed by request id. ``num_computed_tokens`` is read as the scheduler left
-    it: the scheduler advances it after the step.
+    tokens keyed by request id. It works from plain data only: its own per-request
+    state in the input batch, updated from the ``SchedulerOutput`` (new requests,
+    appended blocks, ``num_computed_tokens`` as the scheduler reports it) and from the
+    tokens it samples, which it appends itself.
     """
 
     def __init__(self, engine_config: EngineConfig) -> None:
@@ -60,6 +70,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.model: torch.nn.Module | None = None
         self.kv_caches: list[torch.Tensor] = []
+        self.kv_cache_config: KVCacheConfig | None = None
         self._attn_backend: AttentionBackend | None = None
         # Seconds spent in each phase of the last step (for profiling and benchmarks).
         self.last_step_timings: dict[str, float] = {}
@@ -75,9 +86,28 @@ class ModelRunner:
             time.perf_counter() - start,
         )
 
-    def initialize_kv_cache(self) -> None:
+    def get_kv_cache_bytes_per_block(self) -> int:
+        """Bytes of one KV block across all layers, in the attention backend's layout."""
+        return kv_cache_bytes_per_block(
+            self._backend(), self.model_config, self.cache_config.block_size, self.dtype
+        )
+
+    def determine_kv_cache_config(self) -> KVCacheConfig:
+        """Size the KV cache: the user's kv_cache_memory or, by default, a share of the
+        memory free now (call after ``load_model``). Raises ValueError when the budget
+        holds fewer than 2 blocks."""
+        return determine_kv_cache_config(
+            self.cache_config.kv_cache_memory_bytes,
+            self.cache_config.block_size,
+            self.get_kv_cache_bytes_per_block(),
+            self.scheduler_config.max_num_seqs,
+            self.max_model_len,
+        )
+
+    def initialize_kv_cache(self, kv_cache_config: KVCacheConfig) -> None:
+        self.kv_cache_config = kv_cache_config
         self.kv_caches = allocate_kv_caches(
-            self.model_config, self.cache_config, self.dtype, self.device
+            self._backend(), self.model_config, kv_cache_config, self.dtype, self.device
         )
 
     def _backend(self) -> AttentionBackend:
@@ -100,7 +130,7 @@ class ModelRunner:
         timings = self.last_step_timings
         start = time.perf_counter()
         self.input_batch.update_states(scheduler_output)
-        if not scheduler_output.scheduled_requests:
+        if scheduler_output.is_empty:
             return ModelRunnerOutput(sampled_token_ids={})
         step = self.input_batch.prepare_inputs(scheduler_output)
         backend_metadata = self._backend().build_metadata(step.attn_metadata)
@@ -127,16 +157,18 @@ class ModelRunner:
             requests = step.requests
             sample_indices = step.sample_indices.tolist()
             sampled = sampler_output.sampled_token_ids.tolist()
-            output.sampled_token_ids = {
-                requests[i].request_id: token for i, token in zip(sample_indices, sampled, strict=True)
-            }
+            sampled_token_ids = output.sampled_token_ids
+            for i, token in zip(sample_indices, sampled, strict=True):
+                request = requests[i]
+                request.append_output_token_id(token)
+                sampled_token_ids[request.req_id] = token
             if sampler_output.logprobs is not None:
                 assert sampler_output.logprob_rows is not None
                 rows = sampler_output.logprob_rows
                 counts = sampling_metadata.num_logprobs_np[rows]  # type: ignore[index]
                 entries = sampler_output.logprobs.to_lists(counts)
                 for row, entry in zip(rows.tolist(), entries, strict=True):
-                    output.logprobs[requests[sample_indices[row]].request_id] = entry
+                    output.logprobs[requests[sample_indices[row]].req_id] = entry
             timings["sample"] = time.perf_counter() - logits_done
         else:
             timings["logits"] = timings["sample"] = 0.0
@@ -156,21 +188,19 @@ class ModelRunner:
         are not sent twice, and prompt tokens skipped by a prefix-cache hit get an
         empty entry so the engine's list stays aligned.
         """
-        states = self.input_batch.request_states
         query_start_loc = step.attn_metadata.query_start_loc_np
         hidden_rows: list[np.ndarray] = []
         targets: list[np.ndarray] = []
         counts: list[int] = []
         spans: list[tuple[str, int, int]] = []  # (request id, number of gap entries, count)
-        for i, request in enumerate(step.requests):
-            num_prompt_logprobs = request.sampling_params.prompt_logprobs
+        for i, state in enumerate(step.requests):
+            num_prompt_logprobs = state.sampling_params.prompt_logprobs
             if num_prompt_logprobs is None:
                 continue
-            state = states[request.request_id]
-            num_prompt = request.num_prompt_tokens
+            num_prompt = state.num_prompt_tokens
             if state.next_prompt_logprob_index >= num_prompt:
                 continue  # all sent (the common case once the prompt is done)
-            start = request.num_computed_tokens
+            start = state.num_computed_tokens
             end = start + int(step.num_scheduled_np[i])
             first_target = max(start + 1, state.next_prompt_logprob_index)
             last_target = min(end + 1, num_prompt)  # exclusive
@@ -179,7 +209,7 @@ class ModelRunner:
                 continue
             if first_target < last_target:
                 target_ids = np.asarray(
-                    request.prompt_token_ids[first_target:last_target], dtype=np.int64
+                    state.prompt_token_ids[first_target:last_target], dtype=np.int64
                 )
                 base = int(query_start_loc[i]) - start
                 hidden_rows.append(np.arange(first_target - 1, last_target - 1) + base)
@@ -191,9 +221,9 @@ class ModelRunner:
             if num_gap:
                 logger.warning(
                     "request %s: prompt logprobs of %d prompt tokens were not computed "
-                    "(prefix cache hit); they come back empty", request.request_id, num_gap,
+                    "(prefix cache hit); they come back empty", state.req_id, num_gap,
                 )
-            spans.append((request.request_id, num_gap, num_entries))
+            spans.append((state.req_id, num_gap, num_entries))
             state.next_prompt_logprob_index = max(state.next_prompt_logprob_index, last_target)
         if not spans:
             return

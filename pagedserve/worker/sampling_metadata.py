@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
-from pagedserve.core.request import Request
 from pagedserve.layers.sampler import SamplingMetadata, SparseLogitsEdit
 from pagedserve.sampling_params import SamplingParams
 
@@ -54,13 +55,19 @@ class RowSamplingParams:
         self.generators: list[torch.Generator | None] = [None] * max_num_reqs
         self.extras: list[_RowExtras | None] = [None] * max_num_reqs
 
-    def _token_array(self, token_ids: list[int] | set[int] | frozenset[int]) -> np.ndarray:
+    def _token_array(self, token_ids: Sequence[int] | set[int] | frozenset[int]) -> np.ndarray:
         tokens = np.fromiter(token_ids, dtype=np.int64, count=len(token_ids))
         # The engine validates ids against the vocabulary; never index out of range here.
         return tokens[(tokens >= 0) & (tokens < self.vocab_size)]
 
-    def set_row(self, row: int, request: Request, generator: torch.Generator | None) -> None:
-        params: SamplingParams = request.sampling_params
+    def set_row(
+        self,
+        row: int,
+        params: SamplingParams,
+        prompt_token_ids: Sequence[int],
+        generator: torch.Generator | None,
+    ) -> None:
+        """Set ``row`` from a request's parameters (its prompt feeds the repetition penalty)."""
         self.temperature_np[row] = params.temperature
         self.top_k_np[row] = params.top_k if 0 < params.top_k < self.vocab_size else 0
         self.top_p_np[row] = params.top_p
@@ -88,7 +95,7 @@ class RowSamplingParams:
             or params.presence_penalty != 0.0
         ):
             if params.repetition_penalty != 1.0:
-                extras.prompt_tokens = np.unique(self._token_array(request.prompt_token_ids))
+                extras.prompt_tokens = np.unique(self._token_array(prompt_token_ids))
             features |= _PENALTIES
         if params.min_tokens > 0 and params.all_stop_token_ids:
             extras.stop_token_ids = self._token_array(params.all_stop_token_ids)
@@ -106,10 +113,11 @@ class RowSamplingParams:
     def build(
         self,
         rows: np.ndarray,
-        requests: list[Request],
+        output_token_ids: Sequence[Sequence[int]],
         default_generator: torch.Generator,
     ) -> SamplingMetadata:
-        """Metadata for sampling rows ``rows`` (one per logits row); ``requests`` aligned."""
+        """Metadata for sampling rows ``rows`` (one per logits row); ``output_token_ids``
+        aligned: each row's tokens generated so far (penalties, min_tokens)."""
         num_rows = len(rows)
         temperature = self.temperature_np[rows]
         greedy = temperature == 0.0
@@ -140,14 +148,14 @@ class RowSamplingParams:
             md.num_logprobs_np = num_logprobs
         features = self.features_np[rows]
         if features.any():
-            self._add_sparse_edits(md, rows, requests, features)
+            self._add_sparse_edits(md, rows, output_token_ids, features)
         return md
 
     def _add_sparse_edits(
         self,
         md: SamplingMetadata,
         rows: np.ndarray,
-        requests: list[Request],
+        output_token_ids: Sequence[Sequence[int]],
         features: np.ndarray,
     ) -> None:
         bias_rows, bias_tokens, bias_values = [], [], []
@@ -171,8 +179,7 @@ class RowSamplingParams:
                 allowed_entry_rows.append(np.full(len(extras.allowed_tokens), i, dtype=np.int64))
                 allowed_tokens.append(extras.allowed_tokens)
             if flags & _PENALTIES:
-                request = requests[i]
-                output = np.asarray(request.output_token_ids, dtype=np.int64)
+                output = np.asarray(output_token_ids[i], dtype=np.int64)
                 repetition = float(self.repetition_penalty_np[row])
                 if repetition != 1.0:
                     assert extras.prompt_tokens is not None
@@ -187,7 +194,7 @@ class RowSamplingParams:
                     out_rows.append(np.full(len(tokens), i, dtype=np.int64))
                     out_tokens.append(tokens)
                     out_values.append((frequency * counts + presence).astype(np.float32))
-            if flags & _MIN_TOKENS and requests[i].num_output_tokens < self.min_tokens_np[row]:
+            if flags & _MIN_TOKENS and len(output_token_ids[i]) < self.min_tokens_np[row]:
                 assert extras.stop_token_ids is not None
                 stop_rows.append(np.full(len(extras.stop_token_ids), i, dtype=np.int64))
                 stop_tokens.append(extras.stop_token_ids)

@@ -7,7 +7,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable
 
-from pagedserve.config import CacheConfig, SchedulerConfig
+from pagedserve.config import CacheConfig, KVCacheConfig, SchedulerConfig
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from pagedserve.core.scheduler import Scheduler
@@ -60,11 +60,19 @@ def make_scheduler(
             long_prefill_token_threshold=long_prefill_token_threshold,
             policy=policy,
         ),
-        CacheConfig(
-            block_size=block_size,
-            num_blocks=num_blocks,
-            enable_prefix_caching=enable_prefix_caching,
-        ),
+        CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching),
+        make_kv_cache_config(num_blocks, block_size),
+    )
+
+
+def make_kv_cache_config(num_blocks: int, block_size: int) -> KVCacheConfig:
+    """A KV cache of ``num_blocks`` blocks (as the model runner would size it)."""
+    bytes_per_block = 1024
+    return KVCacheConfig(
+        num_blocks=num_blocks,
+        block_size=block_size,
+        bytes_per_block=bytes_per_block,
+        kv_cache_memory_bytes=num_blocks * bytes_per_block,
     )
 
 
@@ -78,8 +86,12 @@ def default_next_token(request: Request) -> int:
 
 
 class FakeModelRunner:
-    """Simulates the paged KV cache without a model.
+    """Simulates the model runner and its paged KV cache, without a model.
 
+    Like the real runner it works only from the plain data of each SchedulerOutput:
+    it keeps its own token ids and block table per request (rebuilt from
+    ``NewRequestData``, extended by ``CachedRequestData``'s new block ids and the
+    tokens it samples), and checks that they equal the scheduler's view every step.
     Every slot holds the (position, token id) written into it. A step first writes
     the scheduled tokens of every request (as the attention backend does), then
     checks that each scheduled request's whole context reads back its own tokens
@@ -96,20 +108,50 @@ class FakeModelRunner:
         self.scheduler = scheduler
         self.block_size = scheduler.block_size
         self.slots: list[tuple[int, int] | None] = [None] * (
-            scheduler.cache_config.num_blocks * self.block_size
+            scheduler.kv_cache_config.num_blocks * self.block_size
         )
         self.next_token = next_token
+        # The runner's own state per request, from the scheduler outputs only.
+        self.block_tables: dict[str, list[int]] = {}
+        self.token_ids: dict[str, list[int]] = {}
+        self.num_computed_tokens: dict[str, int] = {}
 
     def slot(self, block_ids: list[int], position: int) -> int:
         return block_ids[position // self.block_size] * self.block_size + position % self.block_size
 
+    def update_states(self, scheduler_output: SchedulerOutput) -> None:
+        for request_id in scheduler_output.finished_req_ids:
+            self.block_tables.pop(request_id, None)
+            self.token_ids.pop(request_id, None)
+        for request_id in scheduler_output.preempted_req_ids:
+            self.block_tables.pop(request_id, None)
+        for new in scheduler_output.scheduled_new_reqs:
+            self.block_tables[new.req_id] = list(new.block_ids)
+            self.token_ids[new.req_id] = new.prompt_token_ids + new.output_token_ids
+            self.num_computed_tokens[new.req_id] = new.num_computed_tokens
+        cached = scheduler_output.scheduled_cached_reqs
+        for request_id, new_block_ids, num_computed in zip(
+            cached.req_ids, cached.new_block_ids, cached.num_computed_tokens, strict=True
+        ):
+            self.block_tables[request_id].extend(new_block_ids)
+            self.num_computed_tokens[request_id] = num_computed
+        # The plain data rebuilt exactly the scheduler's view.
+        for request_id in scheduler_output.scheduled_req_ids:
+            request = self.scheduler.requests[request_id]
+            assert self.token_ids[request_id] == request.all_token_ids, request_id
+            assert self.num_computed_tokens[request_id] == request.num_computed_tokens
+            manager = self.scheduler.kv_cache_manager
+            assert self.block_tables[request_id] == manager.get_block_ids(request_id)
+
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        self.update_states(scheduler_output)
         written: dict[int, str] = {}
-        for request in scheduler_output.scheduled_requests:
-            request_id = request.request_id
-            block_ids = scheduler_output.block_ids[request_id]
-            num_new_tokens = scheduler_output.num_scheduled_tokens[request_id]
-            start = request.num_computed_tokens
+        num_scheduled_tokens = scheduler_output.num_scheduled_tokens
+        for request_id in scheduler_output.scheduled_req_ids:
+            block_ids = self.block_tables[request_id]
+            token_ids = self.token_ids[request_id]
+            num_new_tokens = num_scheduled_tokens[request_id]
+            start = self.num_computed_tokens[request_id]
             assert num_new_tokens > 0
             assert 0 not in block_ids, "the null block was handed out"
             assert len(block_ids) * self.block_size >= start + num_new_tokens
@@ -117,22 +159,24 @@ class FakeModelRunner:
                 slot = self.slot(block_ids, position)
                 owner = written.setdefault(slot, request_id)
                 assert owner == request_id, f"{owner} and {request_id} both wrote slot {slot}"
-                self.slots[slot] = (position, request.all_token_ids[position])
+                self.slots[slot] = (position, token_ids[position])
         sampled: dict[str, int] = {}
-        for request in scheduler_output.scheduled_requests:
-            request_id = request.request_id
-            end = request.num_computed_tokens + scheduler_output.num_scheduled_tokens[request_id]
-            self.check_context(request, scheduler_output.block_ids[request_id], end)
-            if end == request.num_tokens:
-                sampled[request_id] = self.next_token(request)
+        for request_id in scheduler_output.scheduled_req_ids:
+            end = self.num_computed_tokens[request_id] + num_scheduled_tokens[request_id]
+            token_ids = self.token_ids[request_id]
+            self.check_context(request_id, token_ids, self.block_tables[request_id], end)
+            if end == len(token_ids):
+                sampled[request_id] = self.next_token(self.scheduler.requests[request_id])
+                token_ids.append(sampled[request_id])
         return ModelRunnerOutput(sampled_token_ids=sampled)
 
-    def check_context(self, request: Request, block_ids: list[int], end: int) -> None:
-        token_ids = request.all_token_ids
+    def check_context(
+        self, request_id: str, token_ids: list[int], block_ids: list[int], end: int
+    ) -> None:
         for position in range(end):
             stored = self.slots[self.slot(block_ids, position)]
             assert stored == (position, token_ids[position]), (
-                f"{request.request_id}: position {position} holds {stored}, "
+                f"{request_id}: position {position} holds {stored}, "
                 f"expected {(position, token_ids[position])}"
             )
 
@@ -141,7 +185,9 @@ class FakeModelRunner:
         manager = self.scheduler.kv_cache_manager
         for request in self.scheduler.running:
             block_ids = manager.get_block_ids(request.request_id)
-            self.check_context(request, block_ids, request.num_computed_tokens)
+            self.check_context(
+                request.request_id, request.all_token_ids, block_ids, request.num_computed_tokens
+            )
 
     def step(self) -> tuple[SchedulerOutput, list[Request]]:
         scheduler_output = self.scheduler.schedule()

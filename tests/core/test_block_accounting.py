@@ -111,7 +111,7 @@ def test_block_accounting(config: dict, ops: list[tuple], abort_at_end: bool) ->
                 check(scheduler, runner)
         elif op[0] == "fail":
             scheduler_output = scheduler.schedule()
-            failed = [r.request_id for r in scheduler_output.scheduled_requests]
+            failed = scheduler_output.scheduled_req_ids
             scheduler.finish_requests(failed, RequestStatus.FINISHED_ERROR)
         else:
             if request_ids:

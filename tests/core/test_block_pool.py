@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pagedserve.core.block_pool import BlockPool
-from pagedserve.core.kv_cache_utils import KVCacheBlock, update_request_block_hashes
+from pagedserve.core.kv_cache_utils import BlockHasher, KVCacheBlock
 
 from .fakes import make_request
 
@@ -22,7 +22,7 @@ def free_ids(pool: BlockPool) -> list[int]:
 
 def cached_request(num_tokens: int, request_id: str = "r"):
     request = make_request(request_id, list(range(100, 100 + num_tokens)))
-    update_request_block_hashes(request, BLOCK_SIZE)
+    request.set_block_hasher(BlockHasher(BLOCK_SIZE))
     return request
 
 

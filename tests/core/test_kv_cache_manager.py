@@ -5,11 +5,18 @@ from __future__ import annotations
 import pytest
 
 from pagedserve.core.kv_cache_manager import KVCacheManager
-from pagedserve.core.kv_cache_utils import update_request_block_hashes
+from pagedserve.core.kv_cache_utils import BlockHasher
 
-from .fakes import make_request
+from .fakes import make_request as make_unhashed_request
 
 BLOCK_SIZE = 4
+
+
+def make_request(request_id: str, prompt_token_ids: list[int], **kwargs: object):
+    """A request that hashes its blocks, as the scheduler sets it up when caching is on."""
+    request = make_unhashed_request(request_id, prompt_token_ids, **kwargs)  # type: ignore[arg-type]
+    request.set_block_hasher(BlockHasher(BLOCK_SIZE))
+    return request
 
 
 def make_manager(num_blocks: int = 16, enable_caching: bool = True) -> KVCacheManager:
@@ -110,12 +117,12 @@ def test_hash_collision_with_different_tokens_is_a_miss() -> None:
     admit(manager, owner)
     finish_step(manager, owner, 12)
     # A request whose block hashes collide with the owner's but whose tokens differ.
-    impostor = make_request("impostor", [7] * 12)
+    impostor = make_unhashed_request("impostor", [7] * 12)
     impostor.block_hashes.extend(owner.block_hashes)
     blocks, num_hit = manager.get_computed_blocks(impostor)
     assert blocks == [] and num_hit == 0
     # Same tokens in the first block only: hits stop at the first mismatch.
-    partial = make_request("partial", list(range(4)) + [7] * 8)
+    partial = make_unhashed_request("partial", list(range(4)) + [7] * 8)
     partial.block_hashes.extend(owner.block_hashes)
     blocks, num_hit = manager.get_computed_blocks(partial)
     assert num_hit == 4
@@ -235,8 +242,7 @@ def test_hashes_follow_generated_tokens() -> None:
     admit(manager, request)
     finish_step(manager, request, 6)
     for token in (6, 7, 8):
-        request.append_output_token_ids(token)
-        update_request_block_hashes(request, BLOCK_SIZE)
+        request.append_output_token_ids(token)  # hashes the block it fills
         manager.allocate_slots(request, 1)
         finish_step(manager, request, 1)
     assert request.num_computed_tokens == 9

@@ -6,10 +6,10 @@ import pytest
 
 from pagedserve.core.kv_cache_utils import (
     NONE_HASH,
+    BlockHasher,
     FreeKVCacheBlockQueue,
     KVCacheBlock,
     hash_block_tokens,
-    update_request_block_hashes,
 )
 
 from .fakes import make_request
@@ -45,23 +45,30 @@ def test_hash_extra_keys() -> None:
     assert hash_block_tokens(None, [1, 2, 3, 4], ()) == plain
 
 
-def test_update_request_block_hashes_is_incremental() -> None:
-    request = make_request("r", list(range(10)))
-    new = update_request_block_hashes(request, block_size=4)
-    assert len(new) == 2 and request.block_hashes == new
+def test_block_hasher_is_incremental() -> None:
+    hasher = BlockHasher(block_size=4)
+    new = hasher(list(range(10)), [])
+    assert len(new) == 2
     assert new[0] == hash_block_tokens(None, [0, 1, 2, 3])
     assert new[1] == hash_block_tokens(new[0], [4, 5, 6, 7])
-    # Nothing new until a block fills up.
-    assert update_request_block_hashes(request, 4) == []
+    # Nothing new until a block fills up; hashed blocks are not hashed again.
+    assert hasher(list(range(11)), new) == []
+    more = hasher(list(range(12)), new)
+    assert more == [hash_block_tokens(new[1], [8, 9, 10, 11])]
+
+
+def test_request_hashes_its_blocks_as_tokens_arrive() -> None:
+    request = make_request("r", list(range(10)))
+    assert request.block_hashes == []  # no hasher: no prefix caching
+    request.set_block_hasher(BlockHasher(4))
+    assert request.block_hashes == BlockHasher(4)(list(range(10)), [])
     request.append_output_token_ids(10)
-    assert update_request_block_hashes(request, 4) == []
+    assert len(request.block_hashes) == 2
     # Existing hashes are kept as they are, never recomputed.
     sentinel = request.block_hashes[1]
     request.append_output_token_ids([11, 12])
-    new = update_request_block_hashes(request, 4)
-    assert len(new) == 1 and request.block_hashes[1] is sentinel
-    assert new[0] == hash_block_tokens(request.block_hashes[1], [8, 9, 10, 11])
-    assert len(request.block_hashes) == 3
+    assert len(request.block_hashes) == 3 and request.block_hashes[1] is sentinel
+    assert request.block_hashes[2] == hash_block_tokens(sentinel, [8, 9, 10, 11])
 
 
 def test_cache_salt_changes_the_whole_chain() -> None:
@@ -69,12 +76,26 @@ def test_cache_salt_changes_the_whole_chain() -> None:
     salted = make_request("b", list(range(8)), cache_salt="tenant-1")
     same_salt = make_request("c", list(range(8)), cache_salt="tenant-1")
     for request in (plain, salted, same_salt):
-        update_request_block_hashes(request, 4)
+        request.set_block_hasher(BlockHasher(4))
     assert salted.block_hashes[0] == hash_block_tokens(None, [0, 1, 2, 3], ("tenant-1",))
     assert all(x != y for x, y in zip(plain.block_hashes, salted.block_hashes, strict=True))
     assert salted.block_hashes == same_salt.block_hashes
     # The salt is an extra key of the first block only.
     assert salted.block_hashes[1] == hash_block_tokens(salted.block_hashes[0], [4, 5, 6, 7])
+
+
+def test_no_import_cycle_in_core() -> None:
+    """kv_cache_utils hashes plain token ids: it knows nothing of Request."""
+    import ast
+    import pathlib
+
+    import pagedserve.core.kv_cache_utils as kv_cache_utils
+
+    tree = ast.parse(pathlib.Path(kv_cache_utils.__file__).read_text())
+    imported = {
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert not any(module.startswith("pagedserve.core") for module in imported)
 
 
 # -- free queue ---------------------------------------------------------------------

@@ -19,9 +19,20 @@ from .fakes import (
 
 def batch(scheduler_output: SchedulerOutput) -> list[tuple[str, int]]:
     return [
-        (request.request_id, scheduler_output.num_scheduled_tokens[request.request_id])
-        for request in scheduler_output.scheduled_requests
+        (request_id, scheduler_output.num_scheduled_tokens[request_id])
+        for request_id in scheduler_output.scheduled_req_ids
     ]
+
+
+def tables(runner: FakeModelRunner, scheduler_output: SchedulerOutput) -> dict[str, list[int]]:
+    """The block table rows of the step's requests, as the runner rebuilt them from the
+    plain data (full lists for new requests, appended block ids for running ones)."""
+    return {rid: runner.block_tables[rid] for rid in scheduler_output.scheduled_req_ids}
+
+
+def new_block_ids(scheduler_output: SchedulerOutput) -> dict[str, list[int]]:
+    cached = scheduler_output.scheduled_cached_reqs
+    return dict(zip(cached.req_ids, cached.new_block_ids, strict=True))
 
 
 def rid(requests) -> list[str]:
@@ -151,12 +162,13 @@ def test_preemption_of_the_last_arrived(policy: str) -> None:
     scheduler.add_request(b)
     scheduler_output, _ = runner.step()
     assert batch(scheduler_output) == [("a", 4), ("b", 4)]
-    assert scheduler_output.block_ids == {"a": [1], "b": [2]}
+    assert tables(runner, scheduler_output) == {"a": [1], "b": [2]}
     scheduler.add_request(c)
     scheduler_output, _ = runner.step()
     # c cannot get a block and waits.
     assert batch(scheduler_output) == [("a", 1), ("b", 1)]
-    assert scheduler_output.block_ids == {"a": [1, 3], "b": [2, 4]}
+    assert tables(runner, scheduler_output) == {"a": [1, 3], "b": [2, 4]}
+    assert new_block_ids(scheduler_output) == {"a": [3], "b": [4]}  # only the new blocks
     for _ in range(3):
         scheduler_output, _ = runner.step()
         assert batch(scheduler_output) == [("a", 1), ("b", 1)]
@@ -165,7 +177,8 @@ def test_preemption_of_the_last_arrived(policy: str) -> None:
     # a needs a third block: b (last arrived) is preempted; c is not admitted.
     scheduler_output, _ = runner.step()
     assert batch(scheduler_output) == [("a", 1)]
-    assert scheduler_output.block_ids == {"a": [1, 3, 4]}  # b's tail block, reused first
+    assert tables(runner, scheduler_output) == {"a": [1, 3, 4]}  # b's tail block, reused first
+    assert new_block_ids(scheduler_output) == {"a": [4]}
     assert scheduler_output.new_req_ids == set()
     assert scheduler_output.preempted_req_ids == {"b"}
     assert b.status == RequestStatus.PREEMPTED and b.num_computed_tokens == 0
@@ -210,7 +223,7 @@ def test_priority_preempts_an_already_scheduled_request() -> None:
     scheduler.add_request(y)
     scheduler_output, _ = runner.step()
     assert batch(scheduler_output) == [("x", 1), ("y", 6)]
-    assert scheduler_output.block_ids == {"x": [1, 2], "y": [3, 4]}
+    assert tables(runner, scheduler_output) == {"x": [1, 2], "y": [3, 4]}
     for _ in range(2):
         scheduler_output, _ = runner.step()
         assert batch(scheduler_output) == [("x", 1), ("y", 1)]
@@ -219,7 +232,9 @@ def test_priority_preempts_an_already_scheduled_request() -> None:
     scheduler_output, outputs = runner.step()
     assert batch(scheduler_output) == [("y", 1)]
     assert scheduler_output.total_num_scheduled_tokens == 1
-    assert scheduler_output.block_ids == {"y": [3, 4, 2]}
+    assert tables(runner, scheduler_output) == {"y": [3, 4, 2]}
+    # x was taken back out of the batch: only y is left in it.
+    assert new_block_ids(scheduler_output) == {"y": [2]}
     assert x.status == RequestStatus.PREEMPTED and x.num_computed_tokens == 0
     assert scheduler.num_preemptions == 1
     # x never computed its second block: it must not be hit-able.
@@ -257,7 +272,7 @@ def test_blocks_registered_by_a_preempted_chunk_are_not_hit() -> None:
     scheduler.add_request(y)
     scheduler_output, _ = runner.step()
     assert batch(scheduler_output) == [("x", 4), ("y", 2)]
-    assert scheduler_output.block_ids == {"x": [1, 2, 3, 4], "y": [5]}
+    assert tables(runner, scheduler_output) == {"x": [1, 2, 3, 4], "y": [5]}
     scheduler_output, _ = runner.step()
     assert batch(scheduler_output) == [("y", 1)]
     assert scheduler_output.preempted_req_ids == {"x"}
@@ -288,12 +303,12 @@ def test_self_preemption_lets_later_requests_run() -> None:
     scheduler.add_request(high)
     scheduler_output, _ = runner.step()
     assert batch(scheduler_output) == [("low", 1), ("high", 4)]
-    assert scheduler_output.block_ids == {"low": [1], "high": [2]}
+    assert tables(runner, scheduler_output) == {"low": [1], "high": [2]}
     # low needs a second block, none is free, and low is its own victim; high
     # then gets low's block.
     scheduler_output, _ = runner.step()
     assert batch(scheduler_output) == [("high", 1)]
-    assert scheduler_output.block_ids == {"high": [2, 1]}
+    assert tables(runner, scheduler_output) == {"high": [2, 1]}
     assert scheduler_output.preempted_req_ids == {"low"}
     assert low.status == RequestStatus.PREEMPTED
     runner.run_until_done()
@@ -311,7 +326,7 @@ def test_priority_admission_order() -> None:
     order = []
     while scheduler.has_unfinished_requests():
         scheduler_output, _ = runner.step()
-        order.extend(rid(scheduler_output.scheduled_requests))
+        order.extend(scheduler_output.scheduled_req_ids)
     assert order == ["p0", "p0b", "p1", "p2"]
 
 
@@ -400,7 +415,7 @@ def run_one(request: Request, next_token=default_next_token, **scheduler_kwargs)
     runner = FakeModelRunner(scheduler, next_token)
     scheduler.add_request(request)
     runner.run_until_done()
-    assert scheduler.kv_cache_manager.num_free_blocks == scheduler.cache_config.num_blocks - 1
+    assert scheduler.kv_cache_manager.num_free_blocks == scheduler.kv_cache_config.num_blocks - 1
     return request
 
 
@@ -507,9 +522,9 @@ def test_siblings_admitted_together_share_blocks() -> None:
         scheduler.add_request(request)
     scheduler_output, _ = runner.step()
     assert batch(scheduler_output) == [("s0", 10), ("s1", 2), ("s2", 2)]
-    tables = [scheduler_output.block_ids[r.request_id] for r in siblings]
-    assert tables[0][:2] == tables[1][:2] == tables[2][:2]
-    assert len({table[2] for table in tables}) == 3  # the partial block is private
+    rows = [scheduler_output.scheduled_new_reqs[i].block_ids for i in range(3)]
+    assert rows[0][:2] == rows[1][:2] == rows[2][:2]
+    assert len({row[2] for row in rows}) == 3  # the partial block is private
     assert [r.num_cached_tokens for r in siblings] == [0, 8, 8]
     check_block_accounting(scheduler)
     runner.run_until_done()
@@ -544,7 +559,7 @@ def test_add_request_validation() -> None:
 def test_empty_step() -> None:
     scheduler = make_scheduler()
     scheduler_output = scheduler.schedule()
-    assert scheduler_output.is_empty and scheduler_output.scheduled_requests == []
+    assert scheduler_output.is_empty and scheduler_output.scheduled_req_ids == []
     assert scheduler.update_from_output(scheduler_output, ModelRunnerOutput({})) == []
 
 

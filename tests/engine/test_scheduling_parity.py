@@ -74,21 +74,24 @@ def test_tiny_token_budget_forces_chunking(reference):
     assert _tokens(llm, prompts) == [reference[p] for p in prompts]
 
 
-def test_preemption_keeps_answers(reference):
-    from pagedserve.worker.kv_cache import kv_cache_bytes_per_block
-
-    probe = _make(kv_cache_memory="64MiB")
-    per_block = kv_cache_bytes_per_block(
-        probe.llm_engine.model_config, 16, probe.llm_engine.model_config.dtype
-    )
-    del probe
+def test_preemption_keeps_answers(gemma_llm, reference):
+    # The engine core sized gemma_llm's cache (same model, dtype and block size).
+    per_block = gemma_llm.llm_engine.kv_cache_config.bytes_per_block
     # 9 blocks (1 null + 8 usable): far fewer than 11 prompts x 2-3 blocks each.
     llm = _make(kv_cache_memory=per_block * 9)
+    assert llm.llm_engine.kv_cache_config.num_blocks == 9
     prompts = list(reference)
     assert _tokens(llm, prompts) == [reference[p] for p in prompts]
-    scheduler = llm.llm_engine.engine_core.scheduler
-    assert scheduler.num_preemptions > 0
-    assert scheduler.kv_cache_usage == 0.0
+    stats = llm.llm_engine.get_stats()
+    assert stats.num_preemptions > 0
+    assert stats.kv_cache_usage == 0.0
+
+
+def test_tiny_kv_cache_budget_is_refused(gemma_llm):
+    """Sized after loading: a budget under 2 blocks is a ValueError saying what to do."""
+    per_block = gemma_llm.llm_engine.kv_cache_config.bytes_per_block
+    with pytest.raises(ValueError, match="raise kv_cache_memory"):
+        _make(kv_cache_memory=per_block + 1)
 
 
 def test_priority_order_respected(reference):

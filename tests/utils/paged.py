@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from pagedserve import platform
+from pagedserve.attention.backend import get_attn_backend
 from pagedserve.attention.metadata import CommonAttentionMetadata
 from pagedserve.forward_context import ForwardContext, set_forward_context
 
@@ -69,12 +70,13 @@ def make_kv_caches(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> list[torch.Tensor]:
-    """Per-layer caches ``[2, num_blocks, block_size, Hkv, D]`` filled with large finite
-    garbage, so attending to a slot that was never written changes the result visibly
-    (masked slots contribute exactly 0, as with a real, reused cache)."""
+    """Per-layer caches in the attention backend's layout (``[2, num_blocks, block_size,
+    Hkv, D]`` for the torch backend) filled with large finite garbage, so attending to a
+    slot that was never written changes the result visibly (masked slots contribute
+    exactly 0, as with a real, reused cache)."""
     device = device if device is not None else platform.device()
     generator = torch.Generator().manual_seed(1234)
-    shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+    shape = get_attn_backend().get_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
     return [
         (torch.randn(shape, generator=generator) * 50).to(dtype=dtype, device=device)
         for _ in range(num_layers)

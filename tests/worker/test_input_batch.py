@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pagedserve.core.request import Request
-from pagedserve.core.sched_output import SchedulerOutput
+from pagedserve.core.sched_output import CachedRequestData, NewRequestData, SchedulerOutput
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.worker.block_table import BlockTable
 from pagedserve.worker.input_batch import InputBatch
@@ -26,27 +25,38 @@ def make_batch(max_num_reqs: int = 4) -> InputBatch:
     )
 
 
-def make_request(request_id: str, prompt: list[int], outputs: list[int], num_computed: int,
-                 **params: object) -> Request:
-    request = Request(request_id, prompt, SamplingParams(**params))  # type: ignore[arg-type]
-    if outputs:
-        request.append_output_token_ids(outputs)
-    request.num_computed_tokens = num_computed
-    return request
+def new_request(request_id: str, prompt: list[int], outputs: list[int], num_computed: int,
+                block_ids: list[int], **params: object) -> NewRequestData:
+    return NewRequestData(
+        req_id=request_id,
+        prompt_token_ids=prompt,
+        sampling_params=SamplingParams(**params),  # type: ignore[arg-type]
+        block_ids=block_ids,
+        num_computed_tokens=num_computed,
+        output_token_ids=outputs,
+    )
 
 
 def scheduler_output(
-    entries: list[tuple[Request, int, list[int]]],
-    new: set[str] = frozenset(),  # type: ignore[assignment]
+    new: list[tuple[NewRequestData, int]] = (),  # type: ignore[assignment]
+    cached: list[tuple[str, list[int], int, int]] = (),  # type: ignore[assignment]
     finished: set[str] = frozenset(),  # type: ignore[assignment]
     preempted: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> SchedulerOutput:
+    """``new``: (request, num_scheduled); ``cached``: (request id, new block ids,
+    num_computed_tokens, num_scheduled). Batch order: cached, then new."""
+    cached_reqs = CachedRequestData()
+    num_scheduled = {}
+    for request_id, new_block_ids, num_computed, n in cached:
+        cached_reqs.append(request_id, new_block_ids, num_computed)
+        num_scheduled[request_id] = n
+    for request, n in new:
+        num_scheduled[request.req_id] = n
     return SchedulerOutput(
-        scheduled_requests=[request for request, _, _ in entries],
-        num_scheduled_tokens={request.request_id: n for request, n, _ in entries},
-        total_num_scheduled_tokens=sum(n for _, n, _ in entries),
-        block_ids={request.request_id: blocks for request, _, blocks in entries},
-        new_req_ids=set(new),
+        scheduled_new_reqs=[request for request, _ in new],
+        scheduled_cached_reqs=cached_reqs,
+        num_scheduled_tokens=num_scheduled,
+        total_num_scheduled_tokens=sum(num_scheduled.values()),
         finished_req_ids=set(finished),
         preempted_req_ids=set(preempted),
     )
@@ -56,14 +66,12 @@ def test_mixed_prefill_chunk_and_decodes() -> None:
     batch = make_batch()
     # A: 10-token prompt, 3 tokens computed (prefix hit), a 5-token chunk: positions 3..7,
     #    crossing from block 0 into block 1; the chunk stops short of the prompt's end.
-    a = make_request("a", list(range(100, 110)), [], 3)
+    a = new_request("a", list(range(100, 110)), [], 3, [5, 9, 6])
     # B: decode of its 8th token (position 7, last slot of block 1).
-    b = make_request("b", [200, 201, 202, 203, 204], [205, 206, 207], 7)
+    b = new_request("b", [200, 201, 202, 203, 204], [205, 206, 207], 7, [2, 7])
     # C: decode at position 8: the first slot of a fresh block 2.
-    c = make_request("c", [300, 301, 302, 303, 304, 305], [306, 307, 308], 8)
-    so = scheduler_output(
-        [(b, 1, [2, 7]), (c, 1, [1, 3, 4]), (a, 5, [5, 9, 6])], new={"a", "b", "c"}
-    )
+    c = new_request("c", [300, 301, 302, 303, 304, 305], [306, 307, 308], 8, [1, 3, 4])
+    so = scheduler_output([(b, 1), (c, 1), (a, 5)])
     batch.update_states(so)
     step = batch.prepare_inputs(so)
     md = step.attn_metadata
@@ -89,9 +97,9 @@ def test_mixed_prefill_chunk_and_decodes() -> None:
 
 def test_prefill_completing_prompt_samples_at_last_token() -> None:
     batch = make_batch()
-    a = make_request("a", list(range(10)), [], 8)
-    d = make_request("d", [1, 2, 3], [], 0)
-    so = scheduler_output([(a, 2, [1, 2, 3]), (d, 3, [4])], new={"a", "d"})
+    a = new_request("a", list(range(10)), [], 8, [1, 2, 3])
+    d = new_request("d", [1, 2, 3], [], 0, [4])
+    so = scheduler_output([(a, 2), (d, 3)])
     batch.update_states(so)
     step = batch.prepare_inputs(so)
     assert step.positions.tolist() == [8, 9, 0, 1, 2]
@@ -102,18 +110,19 @@ def test_prefill_completing_prompt_samples_at_last_token() -> None:
 
 def test_rows_reused_and_block_tables_rebuilt_or_appended() -> None:
     batch = make_batch(max_num_reqs=2)
-    a = make_request("a", [1, 2, 3, 4], [], 0)
-    b = make_request("b", [5, 6, 7, 8, 9, 10, 11, 12, 13], [], 0)
-    so = scheduler_output([(a, 4, [3]), (b, 9, [4, 5, 6])], new={"a", "b"})
+    a = new_request("a", [1, 2, 3, 4], [], 0, [3])
+    b = new_request("b", [5, 6, 7, 8, 9, 10, 11, 12, 13], [], 0, [4, 5, 6])
+    so = scheduler_output([(a, 4), (b, 9)])
     batch.update_states(so)
     batch.prepare_inputs(so)
     row_b = batch.req_id_to_row["b"]
+    # The model runner appends the token it sampled for a (the scheduler does not send it).
+    batch.request_states["a"].append_output_token_id(50)
 
-    # Step 2: a decodes into a new block; b finished and its row goes to c.
-    a.append_output_token_ids(50)
-    a.num_computed_tokens = 4
-    c = make_request("c", [7, 7], [], 0, temperature=0.5, seed=3)
-    so = scheduler_output([(a, 1, [3, 8]), (c, 2, [2])], new={"c"}, finished={"b"})
+    # Step 2: a decodes into a new block (only the new block id comes); b finished and
+    # its row goes to c.
+    c = new_request("c", [7, 7], [], 0, [2], temperature=0.5, seed=3)
+    so = scheduler_output([(c, 2)], cached=[("a", [8], 4, 1)], finished={"b"})
     batch.update_states(so)
     assert batch.req_id_to_row["c"] == row_b
     assert "b" not in batch.request_states
@@ -130,17 +139,17 @@ def test_rows_reused_and_block_tables_rebuilt_or_appended() -> None:
     assert list(md.generators) == [1]
 
     # Step 3: a is preempted (row dropped, state kept), c continues.
-    c.append_output_token_ids(9)
-    c.num_computed_tokens = 2
-    so = scheduler_output([(c, 1, [2])], preempted={"a"})
+    batch.request_states["c"].append_output_token_id(9)
+    so = scheduler_output(cached=[("c", [], 2, 1)], preempted={"a"})
     batch.update_states(so)
     assert "a" not in batch.req_id_to_row and "a" in batch.request_states
     step = batch.prepare_inputs(so)
     assert step.input_ids.tolist() == [9]
     assert step.attn_metadata.slot_mapping.tolist() == [2 * 4 + 2]
-    # Resumed a gets a fresh row with its new blocks; the generator state of c survives.
-    a.num_computed_tokens = 0
-    so = scheduler_output([(c, 1, [2]), (a, 5, [1, 4])], new={"a"})
+    # Resumed a gets a fresh row with its new blocks and its tokens so far; the
+    # generator state of c survives.
+    resumed = new_request("a", [1, 2, 3, 4], [50], 0, [1, 4])
+    so = scheduler_output([(resumed, 5)], cached=[("c", [], 2, 1)])
     batch.update_states(so)
     step = batch.prepare_inputs(so)
     assert step.input_ids.tolist() == [9, 1, 2, 3, 4, 50]

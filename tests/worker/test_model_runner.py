@@ -8,11 +8,17 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from pagedserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pagedserve.attention.backend import get_attn_backend
+from pagedserve.config import CacheConfig, EngineConfig, KVCacheConfig, ModelConfig, SchedulerConfig
 from pagedserve.core.request import Request
-from pagedserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
-from pagedserve.models.resolve import resolve_model
+from pagedserve.core.sched_output import (
+    CachedRequestData,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+)
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.transformers_utils.resolve import resolve_model
 from pagedserve.worker.kv_cache import kv_cache_bytes_per_block
 from pagedserve.worker.model_runner import ModelRunner
 
@@ -20,7 +26,9 @@ BLOCK_SIZE = 4
 NUM_BLOCKS = 96
 
 
-def make_engine_config(folder: str, max_num_batched_tokens: int = 256) -> EngineConfig:
+def make_engine_config(
+    folder: str, max_num_batched_tokens: int = 256, kv_cache_memory_bytes: int | None = None
+) -> EngineConfig:
     resolved = resolve_model(folder)
     model_config = ModelConfig(
         model=folder,
@@ -31,12 +39,13 @@ def make_engine_config(folder: str, max_num_batched_tokens: int = 256) -> Engine
         dtype=torch.float32,
         dtype_reason="test",
         max_model_len=128,
-        served_model_name="tiny",
         eos_token_ids=resolved.eos_token_ids,
     )
     return EngineConfig(
         model_config=model_config,
-        cache_config=CacheConfig(block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS),
+        cache_config=CacheConfig(
+            block_size=BLOCK_SIZE, kv_cache_memory_bytes=kv_cache_memory_bytes
+        ),
         scheduler_config=SchedulerConfig(
             max_num_seqs=8, max_num_batched_tokens=max_num_batched_tokens, max_model_len=128
         ),
@@ -44,32 +53,51 @@ def make_engine_config(folder: str, max_num_batched_tokens: int = 256) -> Engine
 
 
 class MiniScheduler:
-    """Just enough scheduling to drive the runner by hand: shuffled block ids, exact chunks."""
+    """Just enough scheduling to drive the runner by hand: shuffled block ids, exact
+    chunks, and the plain-data SchedulerOutput the real scheduler sends (full block
+    list for a request (re)entering the batch, only the new block ids afterwards)."""
 
     def __init__(self, runner: ModelRunner, seed: int = 0) -> None:
         self.runner = runner
         self.free_blocks = list(range(1, NUM_BLOCKS))
         random.Random(seed).shuffle(self.free_blocks)
         self.blocks: dict[str, list[int]] = {}
+        self.in_batch: set[str] = set()
         self.finished: set[str] = set()
         self.preempted: set[str] = set()
 
     def step(self, plan: list[tuple[Request, int]]) -> ModelRunnerOutput:
-        new = set()
+        new_reqs: list[NewRequestData] = []
+        cached = CachedRequestData()
         for request, num_new in plan:
             rid = request.request_id
-            if rid not in self.blocks:
-                new.add(rid)
-                self.blocks[rid] = []
+            blocks = self.blocks.setdefault(rid, [])
+            num_old_blocks = len(blocks)
             needed = -(-(request.num_computed_tokens + num_new) // BLOCK_SIZE)
-            while len(self.blocks[rid]) < needed:
-                self.blocks[rid].append(self.free_blocks.pop())
+            while len(blocks) < needed:
+                blocks.append(self.free_blocks.pop())
+            if rid in self.in_batch:
+                cached.append(rid, blocks[num_old_blocks:], request.num_computed_tokens)
+            else:
+                self.in_batch.add(rid)
+                new_reqs.append(
+                    NewRequestData(
+                        req_id=rid,
+                        prompt_token_ids=request.prompt_token_ids,
+                        sampling_params=request.sampling_params,
+                        block_ids=list(blocks),
+                        num_computed_tokens=request.num_computed_tokens,
+                        output_token_ids=list(request.output_token_ids),
+                    )
+                )
+        # Batch order is cached then new, as the scheduler's; plans list them that way.
+        order = cached.req_ids + [r.req_id for r in new_reqs]
+        assert order == [request.request_id for request, _ in plan], order
         so = SchedulerOutput(
-            scheduled_requests=[request for request, _ in plan],
+            scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=cached,
             num_scheduled_tokens={request.request_id: n for request, n in plan},
             total_num_scheduled_tokens=sum(n for _, n in plan),
-            block_ids={request.request_id: list(self.blocks[request.request_id]) for request, _ in plan},
-            new_req_ids=new,
             finished_req_ids=self.finished,
             preempted_req_ids=self.preempted,
         )
@@ -84,6 +112,7 @@ class MiniScheduler:
 
     def free(self, request: Request, preempt: bool = False) -> None:
         self.free_blocks.extend(reversed(self.blocks.pop(request.request_id)))
+        self.in_batch.discard(request.request_id)
         if preempt:
             self.preempted.add(request.request_id)
             request.num_computed_tokens = 0
@@ -112,7 +141,10 @@ def runner_factory(tiny_model_dir: Callable[[str], str]) -> Callable[..., tuple[
         folder = tiny_model_dir(arch)
         runner = ModelRunner(make_engine_config(folder, **kwargs))
         runner.load_model()
-        runner.initialize_kv_cache()
+        bytes_per_block = runner.get_kv_cache_bytes_per_block()
+        runner.initialize_kv_cache(
+            KVCacheConfig(NUM_BLOCKS, BLOCK_SIZE, bytes_per_block, NUM_BLOCKS * bytes_per_block)
+        )
         return runner, folder
 
     return make
@@ -241,11 +273,35 @@ def test_kv_cache_sizes(runner_factory) -> None:
     runner, _ = runner_factory("gemma3")
     config = runner.model_config
     assert len(runner.kv_caches) == config.num_layers
+    # The cache has the shape the attention backend declares.
+    assert runner.kv_caches[0].shape == get_attn_backend().get_kv_cache_shape(
+        NUM_BLOCKS, BLOCK_SIZE, config.num_kv_heads, config.head_dim
+    )
     assert runner.kv_caches[0].shape == (2, NUM_BLOCKS, BLOCK_SIZE, config.num_kv_heads,
                                          config.head_dim)
-    per_block = kv_cache_bytes_per_block(config, BLOCK_SIZE, torch.float32)
+    per_block = runner.get_kv_cache_bytes_per_block()
     total = sum(c.numel() * c.element_size() for c in runner.kv_caches)
     assert total == per_block * NUM_BLOCKS
-    assert kv_cache_bytes_per_block(config, 16, torch.bfloat16) == (
+    backend = get_attn_backend()
+    assert kv_cache_bytes_per_block(backend, config, 16, torch.bfloat16) == (
         2 * config.num_layers * 16 * config.num_kv_heads * config.head_dim * 2
     )
+
+
+def test_kv_cache_sized_after_loading(tiny_model_dir: Callable[[str], str]) -> None:
+    """The runner turns the user's budget into whole blocks of its backend's layout, and
+    refuses a budget under 2 blocks with a ValueError that says what to do."""
+    folder = tiny_model_dir("llama")
+    runner = ModelRunner(make_engine_config(folder, kv_cache_memory_bytes=1 << 20))
+    runner.load_model()
+    per_block = runner.get_kv_cache_bytes_per_block()
+    kv_cache_config = runner.determine_kv_cache_config()
+    assert kv_cache_config.bytes_per_block == per_block
+    assert kv_cache_config.num_blocks == (1 << 20) // per_block
+    assert kv_cache_config.kv_cache_memory_bytes == kv_cache_config.num_blocks * per_block
+    assert kv_cache_config.block_size == BLOCK_SIZE
+
+    tiny = ModelRunner(make_engine_config(folder, kv_cache_memory_bytes=per_block + 1))
+    tiny.model = runner.model
+    with pytest.raises(ValueError, match="raise kv_cache_memory"):
+        tiny.determine_kv_cache_config()
