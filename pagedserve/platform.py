@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 from functools import lru_cache
 
 import torch
+
+from pagedserve import envs
 
 logger = logging.getLogger(__name__)
 
@@ -14,7 +15,7 @@ logger = logging.getLogger(__name__)
 @lru_cache(maxsize=1)
 def device() -> torch.device:
     """The device the engine computes on: CUDA when present, else CPU."""
-    forced = os.environ.get("PAGEDSERVE_DEVICE")
+    forced = envs.PAGEDSERVE_DEVICE
     if forced:
         return torch.device(forced)
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -104,8 +105,7 @@ def num_threads() -> int:
 def configure_threads(requested: int | None = None) -> int:
     """Give torch the cores (engine core); returns the thread count in use."""
     if requested is None:
-        env = os.environ.get("PAGEDSERVE_NUM_THREADS")
-        requested = int(env) if env else None
+        requested = envs.PAGEDSERVE_NUM_THREADS
     if requested is not None and requested > 0:
         torch.set_num_threads(requested)
     return torch.get_num_threads()

@@ -32,6 +32,6 @@ def tiny_model_dirs(tiny_model_dir: Callable[[str], str]) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def default_resolved_model():
     """``resolve_model(None)``: the bundled GGUF, converted once into the user cache."""
-    from pagedserve.models.resolve import resolve_model
+    from pagedserve.transformers_utils.resolve import resolve_model
 
     return resolve_model(None)

@@ -44,8 +44,8 @@ def get_bench_tokenizer(name: str | None) -> Any:
     """A tokenizer for ``name``: a local folder, a .gguf file, a hub id in the local cache,
     or (None / the default model's served name) the bundled default model's tokenizer."""
     from pagedserve.engine.arg_utils import DEFAULT_MODEL_NAME
-    from pagedserve.engine.tokenizer import load_tokenizer
-    from pagedserve.models.resolve import resolve_model
+    from pagedserve.transformers_utils.resolve import resolve_model
+    from pagedserve.transformers_utils.tokenizer import load_tokenizer
 
     target = None if name in (None, "", DEFAULT_MODEL_NAME) else name
     try:

@@ -1,11 +1,20 @@
-"""EngineArgs: the user-facing knobs (LLM kwargs, CLI flags) resolved into a frozen EngineConfig."""
+"""EngineArgs: the user-facing knobs (LLM kwargs, CLI flags) resolved into a frozen EngineConfig.
+
+``EngineArgs`` is the one source of every engine knob's name, default and help text: the
+CLI flags (``pagedserve.entrypoints.engine_flags.add_engine_flags``) and ``LLM(...)``'s
+keyword arguments are generated from its fields (help text, choices and the like live in
+each field's metadata; see :func:`arg_field`). Front-end settings (served model names, the
+user's chat template, the API key) are not engine knobs: they live in the server's
+``ServerConfig`` (``pagedserve.entrypoints.openai.server_config``).
+"""
 
 from __future__ import annotations
 
+import inspect
 import logging
-from dataclasses import dataclass
-
-import torch
+from dataclasses import dataclass, field, fields
+from functools import cache
+from typing import Any, get_type_hints
 
 from pagedserve import platform
 from pagedserve.config import (
@@ -19,41 +28,111 @@ from pagedserve.config import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "gemma-3-270m"
-# Share of free memory the KV cache takes when kv_cache_memory is not given, and its bounds.
-_DEFAULT_KV_SHARE_CPU = 0.2
-_DEFAULT_KV_MAX_CPU = 4 << 30
-_DEFAULT_KV_SHARE_CUDA = 0.5
-_MIN_KV_BYTES = 64 << 20
+# Per-step token budget when --max-num-batched-tokens is not given (see create_engine_config).
+_DEFAULT_MAX_NUM_BATCHED_TOKENS_CPU = 2048
+_DEFAULT_MAX_NUM_BATCHED_TOKENS_CUDA = 8192
+
+
+def arg_field(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    metavar: str | None = None,
+    flag_type: type | None = None,
+) -> Any:
+    """A dataclass field of EngineArgs with what its CLI flag needs in ``metadata``.
+
+    ``flag_type`` overrides the type a flag parses to (by default: the field's type, with
+    ``None`` dropped; a bool field becomes ``--flag/--no-flag``).
+    """
+    metadata = {"help": help, "choices": choices, "metavar": metavar, "flag_type": flag_type}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class EngineArgs:
     """Arguments for the engine, with vLLM's names and defaults where the concept is the same."""
 
-    model: str | None = None
-    revision: str | None = None
-    served_model_name: str | None = None
-    dtype: str = "auto"
-    max_model_len: int | None = None
-    max_num_seqs: int = 128
-    max_num_batched_tokens: int | None = None
-    long_prefill_token_threshold: int | None = None
-    block_size: int = 16
-    kv_cache_memory: int | str | None = None
-    enable_prefix_caching: bool = True
-    scheduling_policy: str = "fcfs"
-    max_num_queued_requests: int = 0
-    seed: int = 0
-    chat_template: str | None = None
-    num_threads: int | None = None
+    model: str | None = arg_field(
+        None, "HF folder, hub id or .gguf file (default: the bundled Gemma 3 270M)")
+    revision: str | None = arg_field(
+        None, "branch, tag or commit of a Hugging Face hub model (default: main)")
+    dtype: str = arg_field(
+        "auto", "weights and activations dtype; auto: bfloat16 on CUDA and on CPUs with "
+        "AMX/AVX512-BF16, else float32", choices=("auto", "bfloat16", "float32", "float16"))
+    max_model_len: int | None = arg_field(
+        None, "context length, prompt plus output (default: the model's "
+        "max_position_embeddings)")
+    max_num_seqs: int = arg_field(128, "most sequences in one engine step")
+    max_num_batched_tokens: int | None = arg_field(
+        None, f"most tokens in one engine step (default: "
+        f"{_DEFAULT_MAX_NUM_BATCHED_TOKENS_CPU} on CPU, "
+        f"{_DEFAULT_MAX_NUM_BATCHED_TOKENS_CUDA} on CUDA)")
+    long_prefill_token_threshold: int | None = arg_field(
+        None, "a prefill takes at most this many tokens per step, so other requests run "
+        "alongside (default and 0: no limit but the step's token budget)")
+    block_size: int = arg_field(16, "tokens per KV cache block (a power of two)")
+    kv_cache_memory: int | str | None = arg_field(
+        None, "KV cache size: bytes or e.g. 4GiB (default: a share of free memory)",
+        flag_type=str)
+    enable_prefix_caching: bool = arg_field(
+        True, "reuse the KV cache of prompts' shared prefixes")
+    scheduling_policy: str = arg_field(
+        "fcfs", "fcfs: first come first served; priority: lower request priority first",
+        choices=("fcfs", "priority"))
+    max_num_queued_requests: int = arg_field(
+        0, "refuse new requests (HTTP 429) while this many wait (0: unbounded)")
+    seed: int = arg_field(
+        0, "seed of the engine's random generator (sampling of requests without a seed)")
+    num_threads: int | None = arg_field(
+        None, "torch threads of the engine (default: $PAGEDSERVE_NUM_THREADS, else all cores)")
+
+    @classmethod
+    def from_kwargs(cls, caller: str = "EngineArgs", **kwargs: Any) -> EngineArgs:
+        """EngineArgs from keyword arguments; TypeError naming any unknown one."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            import difflib
+
+            hints = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, known, n=1)
+                hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise TypeError(
+                f"{caller}() got unknown engine argument(s) {', '.join(hints)}; engine "
+                f"arguments are: {', '.join(f.name for f in fields(cls))}"
+            )
+        return cls(**kwargs)
+
+    @staticmethod
+    def specs() -> tuple[EngineArgSpec, ...]:
+        """Every engine argument: name, type, default, help (what flags and LLM are made of)."""
+        return _engine_arg_specs()
+
+    @staticmethod
+    def signature_parameters() -> list[inspect.Parameter]:
+        """Keyword-only parameters, one per engine argument (for a generated signature)."""
+        return [
+            inspect.Parameter(
+                spec.name, inspect.Parameter.KEYWORD_ONLY, default=spec.default,
+                annotation=spec.annotation,
+            )
+            for spec in _engine_arg_specs()
+        ]
 
     def create_engine_config(self) -> EngineConfig:
         """Resolve the model and every "auto" value, then freeze."""
-        from pagedserve.models.resolve import resolve_model
-        from pagedserve.worker.kv_cache import kv_cache_bytes_per_block
+        from pagedserve.transformers_utils.resolve import resolve_model
 
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_queued_requests < 0:
+            raise ValueError(
+                f"max_num_queued_requests must be >= 0 (0: unbounded), "
+                f"got {self.max_num_queued_requests}"
+            )
         resolved = resolve_model(self.model, revision=self.revision)
         dtype, dtype_reason = platform.resolve_dtype(self.dtype)
         hf_config = resolved.hf_config
@@ -71,9 +150,6 @@ class EngineArgs:
                     f"max_position_embeddings={model_max_len}"
                 )
             max_model_len = self.max_model_len
-        served_name = self.served_model_name or (
-            self.model if self.model is not None else DEFAULT_MODEL_NAME
-        )
         model_config = ModelConfig(
             model=self.model if self.model is not None else DEFAULT_MODEL_NAME,
             model_path=resolved.model_path,
@@ -83,37 +159,26 @@ class EngineArgs:
             dtype=dtype,
             dtype_reason=dtype_reason,
             max_model_len=max_model_len,
-            served_model_name=served_name,
             seed=self.seed,
-            chat_template=self.chat_template or resolved.chat_template,
             eos_token_ids=frozenset(resolved.eos_token_ids),
         )
-        bytes_per_block = kv_cache_bytes_per_block(model_config, self.block_size, dtype)
-        kv_bytes = self._resolve_kv_bytes(model_config, bytes_per_block, dtype)
-        num_blocks = kv_bytes // bytes_per_block
-        if num_blocks < 2:
-            raise ValueError(
-                f"kv_cache_memory={kv_bytes} bytes holds {num_blocks} blocks of "
-                f"{bytes_per_block} bytes; at least 2 are needed"
-            )
+        # Only the budget: the engine core sizes the cache in blocks once the model is
+        # loaded, where the memory is (pagedserve.worker.kv_cache).
         cache_config = CacheConfig(
             block_size=self.block_size,
-            num_blocks=int(num_blocks),
-            kv_cache_memory_bytes=int(num_blocks * bytes_per_block),
+            kv_cache_memory_bytes=(
+                None if self.kv_cache_memory is None else parse_size(self.kv_cache_memory)
+            ),
             enable_prefix_caching=self.enable_prefix_caching,
         )
-        max_batched = self.max_num_batched_tokens
-        if max_batched is None:
-            max_batched = 2048 if not platform.is_cuda() else 8192
-        threshold = self.long_prefill_token_threshold
-        if threshold is None:
-            # Let short requests through while a long prompt prefills (vLLM: 4% of context).
-            threshold = 0
         scheduler_config = SchedulerConfig(
             max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=max_batched,
+            max_num_batched_tokens=self._resolve_max_num_batched_tokens(),
             max_model_len=max_model_len,
-            long_prefill_token_threshold=threshold,
+            # None and 0: a prefill is limited only by the step's token budget. vLLM's default
+            # is 0 as well; it only sets 4% of max_model_len when max_num_partial_prefills > 1
+            # (several concurrent partial prefills), which pagedserve does not have.
+            long_prefill_token_threshold=self.long_prefill_token_threshold or 0,
             policy=self.scheduling_policy,
             max_num_queued_requests=self.max_num_queued_requests,
         )
@@ -124,18 +189,51 @@ class EngineArgs:
             num_threads=self.num_threads or 0,
         )
 
-    def _resolve_kv_bytes(
-        self, model_config: ModelConfig, bytes_per_block: int, dtype: torch.dtype
-    ) -> int:
-        if self.kv_cache_memory is not None:
-            return parse_size(self.kv_cache_memory)
-        available = platform.available_memory_bytes()
+    def _resolve_max_num_batched_tokens(self) -> int:
+        """The per-step token budget: the flag, else the platform's default.
+
+        The one place this default lives. A step runs every scheduled token through the
+        model at once, so the budget bounds how long a step that carries a prefill chunk
+        takes, and with it how long running decodes wait for their next token: 2048 keeps
+        a CPU step short, while a GPU is only well used with larger batches (8192; vLLM's
+        API-server default is 2048, and 8192 on GPUs with 70 GiB or more).
+        """
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
         if platform.is_cuda():
-            share = int(available * _DEFAULT_KV_SHARE_CUDA)
-        else:
-            share = min(int(available * _DEFAULT_KV_SHARE_CPU), _DEFAULT_KV_MAX_CPU)
-        # No point reserving more than max_num_seqs full-length sequences can use.
-        blocks_needed = self.max_num_seqs * (
-            -(-model_config.max_model_len // self.block_size)
-        ) + 1
-        return max(min(share, blocks_needed * bytes_per_block), _MIN_KV_BYTES)
+            return _DEFAULT_MAX_NUM_BATCHED_TOKENS_CUDA
+        return _DEFAULT_MAX_NUM_BATCHED_TOKENS_CPU
+
+
+@dataclass(frozen=True)
+class EngineArgSpec:
+    """One engine argument as the flag and signature generators see it."""
+
+    name: str
+    annotation: Any  # the field's resolved type, e.g. int | None
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None
+    metavar: str | None
+    flag_type: type | None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+@cache
+def _engine_arg_specs() -> tuple[EngineArgSpec, ...]:
+    hints = get_type_hints(EngineArgs)
+    return tuple(
+        EngineArgSpec(
+            name=f.name,
+            annotation=hints[f.name],
+            default=f.default,
+            help=str(f.metadata.get("help", "")),
+            choices=f.metadata.get("choices"),
+            metavar=f.metadata.get("metavar"),
+            flag_type=f.metadata.get("flag_type"),
+        )
+        for f in fields(EngineArgs)
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 from collections.abc import Sequence
@@ -22,36 +23,11 @@ class LLM:
     """Generate text offline from a batch of prompts with the paged engine.
 
     ``model=None`` serves the bundled Gemma 3 270M (GGUF). Keyword arguments are
-    those of :class:`EngineArgs` (vLLM's names).
+    those of :class:`EngineArgs` (vLLM's names); an unknown one raises TypeError.
     """
 
-    def __init__(
-        self,
-        model: str | None = None,
-        dtype: str = "auto",
-        max_model_len: int | None = None,
-        max_num_seqs: int = 128,
-        max_num_batched_tokens: int | None = None,
-        block_size: int = 16,
-        kv_cache_memory: int | str | None = None,
-        enable_prefix_caching: bool = True,
-        scheduling_policy: str = "fcfs",
-        seed: int = 0,
-        **kwargs: Any,
-    ) -> None:
-        engine_args = EngineArgs(
-            model=model,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            block_size=block_size,
-            kv_cache_memory=kv_cache_memory,
-            enable_prefix_caching=enable_prefix_caching,
-            scheduling_policy=scheduling_policy,
-            seed=seed,
-            **kwargs,
-        )
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        engine_args = EngineArgs.from_kwargs("LLM", model=model, **kwargs)
         self.llm_engine = LLMEngine.from_engine_args(engine_args)
         self._request_counter = itertools.count()
 
@@ -101,10 +77,14 @@ class LLM:
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Render conversations with the model's chat template, then generate."""
-        from pagedserve.engine.chat_utils import (
+        """Render conversations with a chat template, then generate.
+
+        ``chat_template`` (Jinja text, a template file, or one of the tokenizer's named
+        templates) overrides the model's own template.
+        """
+        from pagedserve.transformers_utils.chat_templates import (
             apply_chat_template,
-            resolve_chat_template,
+            resolve_model_chat_template,
             tokenize_prompt,
         )
 
@@ -117,10 +97,11 @@ class LLM:
             conversations = messages  # type: ignore[assignment]
         tokenizer = self.get_tokenizer()
         model_config = self.llm_engine.model_config
-        template = resolve_chat_template(
+        template = resolve_model_chat_template(
             tokenizer,
+            model_config.tokenizer_path,
             getattr(model_config.hf_config, "model_type", ""),
-            chat_template or model_config.chat_template,
+            chat_template,
         )
         prompts: list[PromptType] = []
         for conversation in conversations:
@@ -156,11 +137,13 @@ class LLM:
         use_tqdm: bool,
     ) -> list[RequestOutput]:
         engine = self.llm_engine
-        # Validate everything first so a bad prompt adds nothing.
-        for i, (prompt, params) in enumerate(zip(prompts, params_list, strict=True)):
-            engine.validate_request(prompt, params, priority=priority[i] if priority else 0)
+        # Validate (and tokenize) everything first so a bad prompt adds nothing.
+        processed = [
+            engine.process_request("validate", prompt, params, priority[i] if priority else 0)[1]
+            for i, (prompt, params) in enumerate(zip(prompts, params_list, strict=True))
+        ]
         request_ids: list[str] = []
-        for i, (prompt, params) in enumerate(zip(prompts, params_list, strict=True)):
+        for i, (prompt, params) in enumerate(zip(processed, params_list, strict=True)):
             params = params.clone()
             params.output_kind = RequestOutputKind.FINAL_ONLY
             request_id = str(next(self._request_counter))
@@ -187,3 +170,19 @@ class LLM:
             if progress is not None:
                 progress.close()
         return [results[rid] for rid in request_ids]
+
+
+def _generated_init_signature() -> inspect.Signature:
+    """``LLM.__init__``'s signature as help() shows it: ``model`` then every engine argument."""
+    params = [
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter(
+            "model", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+            annotation=str | None,
+        ),
+    ]
+    params += [p for p in EngineArgs.signature_parameters() if p.name != "model"]
+    return inspect.Signature(params, return_annotation=None)
+
+
+LLM.__init__.__signature__ = _generated_init_signature()  # type: ignore[attr-defined]

@@ -1,61 +1,89 @@
-"""Engine flags shared by CLI subcommands, named as in `vllm serve`."""
+"""Engine flags shared by CLI subcommands, named as in `vllm serve`.
+
+Generated from the fields of :class:`EngineArgs` (names, defaults, help text and choices
+live there), so a new engine argument is a new flag without touching this file.
+"""
 
 from __future__ import annotations
 
 import argparse
+import types
+from typing import Any, Union, get_args, get_origin
 
-from pagedserve.engine.arg_utils import EngineArgs
+from pagedserve.engine.arg_utils import EngineArgs, EngineArgSpec
+
+
+def _flag_type(spec: EngineArgSpec) -> type:
+    """What a flag's value parses to: the field's type with None dropped (str when mixed)."""
+    if spec.flag_type is not None:
+        return spec.flag_type
+    annotation = spec.annotation
+    if get_origin(annotation) in (Union, types.UnionType):
+        options = [a for a in get_args(annotation) if a is not type(None)]
+        annotation = options[0] if len(options) == 1 else str
+    return annotation if annotation in (bool, int, float, str) else str
+
+
+def _flag_kwargs(spec: EngineArgSpec) -> dict[str, Any]:
+    help_text = spec.help
+    if spec.default is not None and "default" not in help_text:
+        help_text += f" (default: {spec.default})"
+    kwargs: dict[str, Any] = {"default": spec.default, "help": help_text, "dest": spec.name}
+    flag_type = _flag_type(spec)
+    if flag_type is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif flag_type is not str:
+        kwargs["type"] = flag_type
+    if spec.choices is not None:
+        kwargs["choices"] = list(spec.choices)
+    if spec.metavar is not None:
+        kwargs["metavar"] = spec.metavar
+    return kwargs
 
 
 def add_engine_flags(parser: argparse.ArgumentParser, with_model: bool = True) -> None:
-    if with_model:
-        parser.add_argument("--model", default=None,
-                            help="HF folder, hub id or .gguf file (default: bundled Gemma 3 270M)")
-    parser.add_argument("--dtype", default="auto",
-                        choices=["auto", "bfloat16", "float32", "float16"])
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=128)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--kv-cache-memory", default=None,
-                        help="KV cache size: bytes or e.g. 4GiB (default: a share of free memory)")
-    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                        default=True)
-    parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-threads", type=int, default=None,
-                        help="torch threads for the engine (default: all cores)")
+    """One ``--flag-name`` per EngineArgs field (``--model`` only when ``with_model``)."""
+    group = parser.add_argument_group("engine")
+    for spec in EngineArgs.specs():
+        if spec.name == "model" and not with_model:
+            continue
+        group.add_argument(spec.flag, **_flag_kwargs(spec))
 
 
 def engine_args_from_flags(args: argparse.Namespace) -> EngineArgs:
-    return EngineArgs(
-        model=args.model,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        block_size=args.block_size,
-        kv_cache_memory=args.kv_cache_memory,
-        enable_prefix_caching=args.enable_prefix_caching,
-        scheduling_policy=args.scheduling_policy,
-        seed=args.seed,
-        num_threads=args.num_threads,
-    )
+    """EngineArgs from parsed flags: every field the namespace has (others keep defaults)."""
+    values = {
+        spec.name: getattr(args, spec.name)
+        for spec in EngineArgs.specs()
+        if hasattr(args, spec.name)
+    }
+    return EngineArgs(**values)
 
 
-def describe_engine(engine_config, load_seconds: float | None = None) -> str:  # noqa: ANN001
-    """The start-up banner lines: model, dtype and why, ISA, threads, KV capacity."""
+def describe_engine(
+    engine_config,  # noqa: ANN001
+    kv_cache,  # noqa: ANN001
+    load_seconds: float | None = None,
+) -> str:
+    """The start-up banner lines: model, dtype and why, ISA, threads, KV capacity.
+
+    ``kv_cache`` is what the engine core allocated once the model was loaded: its
+    ``KVCacheConfig``, or the ``EngineCoreReadyInfo`` the core process reported
+    (both have ``num_blocks``, null block included, ``block_size`` and
+    ``kv_cache_memory_bytes``).
+    """
     from pagedserve import platform
 
     model = engine_config.model_config
     cache = engine_config.cache_config
+    num_usable_blocks = kv_cache.num_blocks - 1
     lines = [
         f"model: {model.model} ({model.architecture}) from {model.model_path}",
         f"dtype: {str(model.dtype).removeprefix('torch.')} ({model.dtype_reason}); "
         f"device: {platform.device()}; ISA: {platform.cpu_isa()}; threads: {platform.num_threads()}",
-        f"KV cache: {cache.num_usable_blocks} blocks x {cache.block_size} tokens = "
-        f"{cache.num_usable_blocks * cache.block_size} tokens "
-        f"({cache.kv_cache_memory_bytes / 2**20:.0f} MiB); max_model_len: {model.max_model_len}; "
+        f"KV cache: {num_usable_blocks} blocks x {kv_cache.block_size} tokens = "
+        f"{num_usable_blocks * kv_cache.block_size} tokens "
+        f"({kv_cache.kv_cache_memory_bytes / 2**20:.0f} MiB); max_model_len: {model.max_model_len}; "
         f"prefix caching: {'on' if cache.enable_prefix_caching else 'off'}",
     ]
     if load_seconds is not None:

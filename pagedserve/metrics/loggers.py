@@ -34,7 +34,7 @@ class StatLoggerBase(Protocol):
     def log(self) -> None:
         ...
 
-    def log_engine_initialized(self) -> None:
+    def log_engine_initialized(self, num_blocks: int | None = None) -> None:
         ...
 
 
@@ -141,7 +141,7 @@ class LoggingStatLogger:
         self.last_line = line if busy else None
         return self.last_line
 
-    def log_engine_initialized(self) -> None:
+    def log_engine_initialized(self, num_blocks: int | None = None) -> None:
         """Nothing to say at start-up: the server's banner already did."""
 
 
@@ -191,6 +191,7 @@ class StatLoggerManager:
         for stat_logger in self.stat_loggers:
             stat_logger.log()
 
-    def log_engine_initialized(self) -> None:
+    def log_engine_initialized(self, num_blocks: int | None = None) -> None:
+        """The engine core is ready; ``num_blocks`` is its KV cache's size in blocks."""
         for stat_logger in self.stat_loggers:
-            stat_logger.log_engine_initialized()
+            stat_logger.log_engine_initialized(num_blocks)

@@ -1,15 +1,15 @@
-"""Glue between the server and the metrics package: flags, one object per engine.
+"""Glue between the server and the metrics package: one object per engine.
 
 ``EngineObservability`` owns what a served engine needs: the stat loggers (Prometheus +
 the periodic log line), the HTTP metrics, the tracer, and the per-response ``timings``
 switch. The API server builds one from its flags and hands it to AsyncLLM (which calls
 ``record()`` once per engine-core step) and to the request handlers (which call
-``trace_request()`` and ``timings()`` when a request ends).
+``trace_request()`` and ``timings()`` when a request ends). The flags that fill
+``ObservabilityConfig`` live in ``pagedserve.entrypoints.observability_args``.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,7 +18,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from pagedserve.metrics.loggers import DEFAULT_LOG_INTERVAL_S, StatLoggerManager
-from pagedserve.metrics.prometheus import COMPAT_CHOICES, HTTPMetrics
+from pagedserve.metrics.prometheus import HTTPMetrics
 from pagedserve.metrics.stats import IterationStats
 from pagedserve.metrics.tracing import RequestTraceContext, RequestTracer, RequestTraceRecord
 
@@ -41,45 +41,8 @@ class ObservabilityConfig:
     otlp_traces_include_text: bool = False
     # A `timings` object in every response (else only when a request asks for it).
     enable_response_timings: bool = False
-    # Seconds between stats lines while busy ($PAGEDSERVE_LOG_STATS_INTERVAL, default 5).
+    # Seconds between stats lines while busy ($PAGEDSERVE_LOG_STATS_INTERVAL).
     log_stats_interval: float = DEFAULT_LOG_INTERVAL_S
-
-
-def add_observability_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags of `pagedserve serve` for metrics, the stats log, tracing and timings."""
-    group = parser.add_argument_group("observability")
-    group.add_argument("--disable-log-stats", action="store_true",
-                       help="do not log the periodic stats line (metrics stay on)")
-    group.add_argument("--disable-metrics", action="store_true",
-                       help="collect no engine stats at all (/metrics keeps HTTP metrics only)")
-    group.add_argument("--metrics-compat", default="none", choices=COMPAT_CHOICES,
-                       help="also expose every metric under vLLM's vllm: names")
-    group.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
-                       help="export one OpenTelemetry span per request to this OTLP "
-                       "endpoint (http/protobuf, e.g. http://127.0.0.1:4318; gRPC with "
-                       "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=grpc)")
-    group.add_argument("--otlp-traces-include-text", action="store_true",
-                       help="put prompt and output text in spans (off: may be sensitive)")
-    group.add_argument("--enable-response-timings", action="store_true",
-                       help="add a `timings` object to every response (else only to "
-                       "requests with \"return_timings\": true)")
-
-
-def observability_config_from_args(args: argparse.Namespace) -> ObservabilityConfig:
-    import os
-
-    interval = float(os.environ.get("PAGEDSERVE_LOG_STATS_INTERVAL", DEFAULT_LOG_INTERVAL_S))
-    if interval <= 0:
-        raise ValueError(f"PAGEDSERVE_LOG_STATS_INTERVAL must be > 0, got {interval}")
-    return ObservabilityConfig(
-        log_stats_interval=interval,
-        log_stats=not getattr(args, "disable_log_stats", False),
-        enable_metrics=not getattr(args, "disable_metrics", False),
-        metrics_compat=getattr(args, "metrics_compat", None) or "none",
-        otlp_traces_endpoint=getattr(args, "otlp_traces_endpoint", None),
-        otlp_traces_include_text=getattr(args, "otlp_traces_include_text", False),
-        enable_response_timings=getattr(args, "enable_response_timings", False),
-    )
 
 
 class EngineObservability:
@@ -89,7 +52,8 @@ class EngineObservability:
                  model_name: str | None = None) -> None:
         self.config = config or ObservabilityConfig()
         self.registry = CollectorRegistry()
-        self.model_name = model_name or engine_config.model_config.served_model_name
+        # The served model name (the server's first --served-model-name) labels every metric.
+        self.model_name = model_name or engine_config.model_config.model
         self.stat_loggers: StatLoggerManager | None = None
         if self.config.enable_metrics or self.config.log_stats:
             self.stat_loggers = StatLoggerManager.create(
@@ -114,6 +78,11 @@ class EngineObservability:
     def log_stats(self) -> bool:
         """Whether the front end should compute IterationStats at all."""
         return self.stat_loggers is not None
+
+    def log_engine_initialized(self, num_blocks: int) -> None:
+        """Called once the engine core has sized its KV cache (cache_config_info)."""
+        if self.stat_loggers is not None:
+            self.stat_loggers.log_engine_initialized(num_blocks)
 
     def record(self, scheduler_stats: Any | None, iteration_stats: IterationStats | None) -> None:
         if self.stat_loggers is not None:

@@ -84,7 +84,7 @@ class MetricsInfo:
     model_name: str
     max_model_len: int = 32768
     block_size: int = 16
-    num_blocks: int = 0
+    num_blocks: int = 0  # 0: not known yet (the engine core sizes the KV cache)
     enable_prefix_caching: bool = True
     dtype: str = "auto"
     engine_index: int = 0
@@ -93,12 +93,11 @@ class MetricsInfo:
     def from_engine_config(cls, engine_config: Any, model_name: str | None = None) -> MetricsInfo:
         model = engine_config.model_config
         cache = engine_config.cache_config
-        name = model_name or getattr(model, "served_model_name", None) or model.model
+        name = model_name or model.model
         return cls(
             model_name=str(name),
             max_model_len=int(model.max_model_len),
             block_size=int(cache.block_size),
-            num_blocks=int(cache.num_blocks),
             enable_prefix_caching=bool(cache.enable_prefix_caching),
             dtype=str(model.dtype).removeprefix("torch."),
         )
@@ -234,19 +233,25 @@ class PrometheusStatLogger:
             "request_decode_time_seconds",
             "Histogram of time spent in DECODE phase for request.", REQUEST_LATENCY_BUCKETS)
         # ---- engine configuration
-        config_info = {
+        # cache_config_info is set once the engine core has sized the KV cache (the
+        # block count is known only then): at construction if ``info`` has it, else in
+        # log_engine_initialized().
+        self._config_info = {
             "block_size": str(info.block_size),
-            "num_blocks": str(info.num_blocks),
-            "num_gpu_blocks": str(info.num_blocks),  # vLLM's label name for the same thing
             "enable_prefix_caching": str(info.enable_prefix_caching),
             "cache_dtype": "auto",
             "dtype": info.dtype,
         }
-        cache_info = Gauge(PREFIX + "cache_config_info", "Information of the LLMEngine CacheConfig",
-                           [*config_info, "engine"], registry=self.registry,
-                           multiprocess_mode="mostrecent")
-        cache_info.labels(**config_info, engine=str(info.engine_index)).set(1)
-        self._metrics.append((cache_info, "cache_config_info"))
+        self._cache_info = Gauge(
+            PREFIX + "cache_config_info", "Information of the LLMEngine CacheConfig",
+            ["num_blocks", "num_gpu_blocks", *self._config_info, "engine"],
+            registry=self.registry, multiprocess_mode="mostrecent",
+        )
+        self._metrics.append((self._cache_info, "cache_config_info"))
+        self._engine_index = info.engine_index
+        self._cache_info_set = False
+        if info.num_blocks > 0:
+            self.log_engine_initialized(info.num_blocks)
 
         # Running totals from the scheduler -> counter increments.
         self._last_prefix_queries = 0
@@ -333,8 +338,17 @@ class PrometheusStatLogger:
     def log(self) -> None:
         """Prometheus is scraped, not pushed: nothing to do periodically."""
 
-    def log_engine_initialized(self) -> None:
-        """cache_config_info is set at construction."""
+    def log_engine_initialized(self, num_blocks: int | None = None) -> None:
+        """Set cache_config_info once the KV cache's block count is known."""
+        if num_blocks is None or self._cache_info_set:
+            return
+        self._cache_info.labels(
+            num_blocks=str(num_blocks),
+            num_gpu_blocks=str(num_blocks),  # vLLM's label name for the same thing
+            **self._config_info,
+            engine=str(self._engine_index),
+        ).set(1)
+        self._cache_info_set = True
 
     def generate_latest(self) -> bytes:
         """The text exposition of this engine's registry (what ``GET /metrics`` returns)."""

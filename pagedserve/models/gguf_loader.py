@@ -1,141 +1,53 @@
-"""GGUF files: a fast metadata/tensor-index reader, dequantization to HF-named tensors,
-the one place where GGUF storage quirks are undone, and an on-disk cache of the
-dequantized weights (safetensors, keyed by the file's fingerprint) so warm starts take
-seconds instead of re-dequantizing.
+"""GGUF weights: dequantization to HF-named tensors, the one place where GGUF storage
+quirks are undone, and an on-disk cache of the dequantized weights (safetensors, keyed by
+the file's fingerprint and a format version) so warm starts take seconds instead of
+re-dequantizing.
 
-``gguf.GGUFReader`` builds numpy views for every metadata element (seconds for a 262k
-token vocabulary), so metadata and the tensor index are parsed here directly; blocks are
-dequantized with ``gguf.quants.dequantize``.
+The header/metadata reader lives in ``pagedserve.transformers_utils.gguf_reader`` (the API
+process needs it without model code); blocks are dequantized with ``gguf.quants.dequantize``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import struct
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
 
-from pagedserve.models.utils import cache_root
+from pagedserve.transformers_utils.gguf_reader import (
+    GGUFFile,
+    GGUFTensorInfo,
+    file_fingerprint,
+    gguf_cache_dir,
+    read_gguf,
+)
+
+__all__ = [
+    "GGUFFile",
+    "GGUFTensorInfo",
+    "WEIGHTS_FORMAT_VERSION",
+    "cached_weights_file",
+    "cached_weights_path",
+    "convert_gguf_weights",
+    "dequantize_tensor",
+    "file_fingerprint",
+    "gguf_cache_dir",
+    "gguf_to_hf_name_map",
+    "iterate_gguf_weights",
+    "read_gguf",
+    "undo_gguf_quirks",
+]
 
 logger = logging.getLogger(__name__)
 
-_GGUF_MAGIC = b"GGUF"
-_DEFAULT_ALIGNMENT = 32
-# GGUF metadata value types -> struct format (8 = string, 9 = array).
-_SCALAR_FORMATS = {
-    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"
-}
-_STRING, _ARRAY = 8, 9
-
-
-@dataclass(frozen=True)
-class GGUFTensorInfo:
-    """Where one tensor lives in the file (``dims`` in GGML order: fastest first)."""
-
-    name: str
-    dims: tuple[int, ...]
-    ggml_type: int
-    offset: int  # absolute byte offset in the file
-
-
-@dataclass
-class GGUFFile:
-    """Parsed metadata and tensor index of a GGUF file."""
-
-    path: str
-    metadata: dict[str, Any]
-    tensors: list[GGUFTensorInfo]
-
-    @property
-    def architecture(self) -> str:
-        return str(self.metadata.get("general.architecture", ""))
-
-
-class _Reader:
-    def __init__(self, f: BinaryIO) -> None:
-        self.f = f
-
-    def scalar(self, fmt: str) -> Any:
-        size = struct.calcsize(fmt)
-        return struct.unpack(fmt, self.f.read(size))[0]
-
-    def string(self) -> str:
-        length = self.scalar("<Q")
-        return self.f.read(length).decode("utf-8", errors="replace")
-
-    def value(self, value_type: int) -> Any:
-        if value_type == _STRING:
-            return self.string()
-        if value_type == _ARRAY:
-            item_type = self.scalar("<I")
-            count = self.scalar("<Q")
-            if item_type == _STRING:
-                return [self.string() for _ in range(count)]
-            if item_type == _ARRAY:
-                return [self.value(_ARRAY) for _ in range(count)]
-            fmt = _SCALAR_FORMATS[item_type]
-            size = struct.calcsize(fmt)
-            return np.frombuffer(self.f.read(size * count), dtype=np.dtype(fmt)).tolist()
-        if value_type not in _SCALAR_FORMATS:
-            raise ValueError(f"corrupt GGUF: unknown metadata value type {value_type}")
-        return self.scalar(_SCALAR_FORMATS[value_type])
-
-
-def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
-    """Parse a GGUF file's header, metadata and tensor index (no tensor data)."""
-    path = str(path)
-    with open(path, "rb") as f:
-        if f.read(4) != _GGUF_MAGIC:
-            raise ValueError(f"{path} is not a GGUF file (bad magic)")
-        reader = _Reader(f)
-        version = reader.scalar("<I")
-        if version < 2:
-            raise ValueError(f"{path}: GGUF version {version} is not supported (need >= 2)")
-        num_tensors = reader.scalar("<Q")
-        num_kv = reader.scalar("<Q")
-        metadata: dict[str, Any] = {}
-        for _ in range(num_kv):
-            key = reader.string()
-            metadata[key] = reader.value(reader.scalar("<I"))
-        raw_tensors = []
-        for _ in range(num_tensors):
-            name = reader.string()
-            num_dims = reader.scalar("<I")
-            dims = tuple(reader.scalar("<Q") for _ in range(num_dims))
-            ggml_type = reader.scalar("<I")
-            offset = reader.scalar("<Q")
-            raw_tensors.append((name, dims, ggml_type, offset))
-        alignment = int(metadata.get("general.alignment", _DEFAULT_ALIGNMENT))
-        data_start = f.tell()
-        data_start += (-data_start) % alignment
-    tensors = [GGUFTensorInfo(n, d, t, data_start + o) for n, d, t, o in raw_tensors]
-    return GGUFFile(path=path, metadata=metadata, tensors=tensors)
-
-
-def file_fingerprint(path: str | os.PathLike[str], chunk_bytes: int = 4 << 20) -> str:
-    """A quick content key: size plus sha256 of chunks at the start, middle and end."""
-    size = os.path.getsize(path)
-    digest = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        for start in (0, max(0, size // 2 - chunk_bytes // 2), max(0, size - chunk_bytes)):
-            f.seek(start)
-            digest.update(f.read(chunk_bytes))
-    return digest.hexdigest()[:20]
-
-
-def gguf_cache_dir(path: str | os.PathLike[str]) -> Path:
-    """Cache folder for everything derived from this GGUF file (config, tokenizer, weights)."""
-    stem = Path(path).name.removesuffix(".gguf")
-    return cache_root() / "gguf" / f"{stem}-{file_fingerprint(path)}"
-
+# Part of the dequantized-weights cache file name: bump it whenever the tensors this module
+# produces change (names, quirks, dequantization), so stale caches are never reused.
+WEIGHTS_FORMAT_VERSION = 1
 
 # ---------------------------------------------------------------------------------------
 # Quirks: how llama.cpp stores some tensors differently from transformers. One place.
@@ -237,11 +149,18 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def cached_weights_path(path: str | os.PathLike[str], dtype: torch.dtype) -> Path:
+    """Where the dequantized weights of this GGUF file in ``dtype`` are cached: the file's
+    cache folder (keyed by its content fingerprint) and the weights format version."""
+    name = f"weights.v{WEIGHTS_FORMAT_VERSION}.{_dtype_name(dtype)}.safetensors"
+    return gguf_cache_dir(path) / name
+
+
 def cached_weights_file(path: str | os.PathLike[str], hf_config: Any, dtype: torch.dtype) -> Path:
     """A safetensors file with the GGUF's weights in ``dtype``; dequantized on first use."""
     from safetensors.torch import save_file
 
-    target = gguf_cache_dir(path) / f"weights.{_dtype_name(dtype)}.safetensors"
+    target = cached_weights_path(path, dtype)
     if target.exists():
         return target
     start = time.perf_counter()
@@ -249,7 +168,11 @@ def cached_weights_file(path: str | os.PathLike[str], hf_config: Any, dtype: tor
     tensors = {k: v.to(dtype).contiguous() for k, v in convert_gguf_weights(path, hf_config).items()}
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata={"source": os.path.basename(str(path))})
+    metadata = {
+        "source": os.path.basename(str(path)),
+        "format_version": str(WEIGHTS_FORMAT_VERSION),
+    }
+    save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, target)
     logger.info("dequantized GGUF weights in %.1f s", time.perf_counter() - start)
     return target

@@ -1,10 +1,27 @@
-"""HF architecture name -> model class."""
+"""HF architecture name -> model class.
+
+The front end's view of the same set (``SUPPORTED_ARCHITECTURES``, and the model_type ->
+architecture table ``MODEL_TYPE_TO_ARCHITECTURE``) lives in
+``pagedserve.transformers_utils.config``, which imports no model code.
+"""
 
 from __future__ import annotations
 
 import importlib
 
 from torch import nn
+
+from pagedserve.transformers_utils.config import (
+    MODEL_TYPE_TO_ARCHITECTURE,
+    SUPPORTED_ARCHITECTURES,
+)
+
+__all__ = [
+    "MODEL_TYPE_TO_ARCHITECTURE",
+    "SUPPORTED_ARCHITECTURES",
+    "get_model_class",
+    "supported_architectures",
+]
 
 # architecture -> (module, class)
 _MODELS: dict[str, tuple[str, str]] = {
@@ -15,14 +32,11 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Gemma3ForCausalLM": ("pagedserve.models.gemma3", "Gemma3ForCausalLM"),
 }
 
-# HF model_type -> architecture, for configs without ``architectures`` (e.g. from GGUF).
-MODEL_TYPE_TO_ARCHITECTURE: dict[str, str] = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "gemma3_text": "Gemma3ForCausalLM",
-}
+if set(_MODELS) != set(SUPPORTED_ARCHITECTURES):  # one list, two views: keep them equal
+    raise ImportError(
+        "pagedserve.models.registry and pagedserve.transformers_utils.config disagree on the "
+        f"supported architectures: {sorted(_MODELS)} vs {sorted(SUPPORTED_ARCHITECTURES)}"
+    )
 
 
 def supported_architectures() -> list[str]:

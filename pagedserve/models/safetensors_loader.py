@@ -2,32 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
+from pagedserve.transformers_utils.utils import safetensors_files
 
-def safetensors_files(folder: str | os.PathLike[str]) -> list[Path]:
-    """The checkpoint's safetensors files (per the index when there is one)."""
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-        missing = [str(f) for f in files if not f.exists()]
-        if missing:
-            raise ValueError(f"{index} names missing files: {', '.join(missing)}")
-        return files
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ValueError(
-            f"no *.safetensors weights in {folder}; expected model.safetensors (or shards "
-            "with model.safetensors.index.json) next to config.json"
-        )
-    return files
+__all__ = ["iterate_safetensors", "iterate_safetensors_file", "safetensors_files"]
 
 
 def iterate_safetensors_file(path: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from pagedserve.layers.linear import default_weight_loader
+from pagedserve.transformers_utils.utils import cache_root  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
-
-
-def cache_root() -> Path:
-    """pagedserve's cache folder: ``$PAGEDSERVE_CACHE_DIR``, default ``~/.cache/pagedserve``."""
-    configured = os.environ.get("PAGEDSERVE_CACHE_DIR")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "pagedserve"
 
 
 @contextlib.contextmanager

@@ -45,7 +45,7 @@ def _gemma_tokenizer_dir() -> str:
     """The default model's tokenizer folder: from resolve_model when available, else a
     conversion of the GGUF's tokenizer cached under ~/.cache/pagedserve/test-tokenizers."""
     try:
-        from pagedserve.models.resolve import resolve_model
+        from pagedserve.transformers_utils.resolve import resolve_model
     except ImportError:
         resolve_model = None
     if resolve_model is not None:
@@ -69,7 +69,7 @@ def _gemma_tokenizer_dir() -> str:
 
 @pytest.fixture(scope="session")
 def gemma_tokenizer():
-    from pagedserve.engine.tokenizer import load_tokenizer
+    from pagedserve.transformers_utils.tokenizer import load_tokenizer
 
     return load_tokenizer(_gemma_tokenizer_dir())
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from pagedserve.engine.input_processor import InvalidRequestError, check_chat_options
 from pagedserve.engine.messages import EngineCoreRequest
 from pagedserve.entrypoints.cli import build_parser
 from pagedserve.entrypoints.openai.errors import guess_param
@@ -40,6 +41,40 @@ def test_serve_flags_and_config_file(tmp_path):
         parser.parse_args(["serve", "--config", str(config)])
 
 
+def test_serve_flags_make_server_and_engine_configs(monkeypatch):
+    """Front-end settings go to ServerConfig; engine knobs (the queue limit too) to EngineArgs."""
+    from pagedserve.entrypoints.openai.api_server import _engine_args
+    from pagedserve.entrypoints.openai.server_config import ServerConfig
+
+    monkeypatch.delenv("PAGEDSERVE_API_KEY", raising=False)
+    parser = build_parser()
+    args = parser.parse_args([
+        "serve", "model.gguf", "--served-model-name", "a", "b", "--chat-template", "t.jinja",
+        "--port", "9", "--max-num-queued-requests", "4", "--revision", "r1",
+        "--long-prefill-token-threshold", "32",
+    ])
+    engine_args = _engine_args(args)
+    assert engine_args.model == "model.gguf" and engine_args.revision == "r1"
+    assert engine_args.max_num_queued_requests == 4
+    assert engine_args.long_prefill_token_threshold == 32
+    config = ServerConfig.from_args(args, model=engine_args.model)
+    assert config.served_model_names == ("a", "b") and config.model_name == "a"
+    assert config.chat_template == "t.jinja" and config.port == 9 and config.api_key is None
+
+    default = parser.parse_args(["serve"])
+    assert ServerConfig.from_args(default, model=None).served_model_names == ("gemma-3-270m",)
+    named = parser.parse_args(["serve", "org/model"])
+    assert ServerConfig.from_args(named, model="org/model").served_model_names == ("org/model",)
+    monkeypatch.setenv("PAGEDSERVE_API_KEY", "from-env")
+    assert ServerConfig.from_args(default, model=None).api_key == "from-env"
+    with pytest.raises(ValueError, match="Two models"):
+        _engine_args(parser.parse_args(["serve", "a", "--model", "b"]))
+    with pytest.raises(ValueError, match="port"):
+        ServerConfig(port=70000)
+    with pytest.raises(ValueError, match="served_model_names"):
+        ServerConfig(served_model_names=())
+
+
 def test_completion_request_to_sampling_params():
     request = CompletionRequest(
         prompt="x", stream=True, logprobs=2, echo=True, logit_bias={"5": 500, "7": -3},
@@ -69,8 +104,11 @@ def test_chat_request_to_sampling_params():
     assert ChatCompletionRequest(messages=[]).to_sampling_params(1).logprobs is None
     with pytest.raises(ValueError, match="top_logprobs"):
         ChatCompletionRequest(messages=[], top_logprobs=2).to_sampling_params(1)
-    with pytest.raises(ValueError, match="continue_final_message"):
-        ChatCompletionRequest(messages=[], continue_final_message=True).to_sampling_params(1)
+    # Chat options are checked where every request comes in (the input processor).
+    with pytest.raises(InvalidRequestError, match="continue_final_message") as info:
+        check_chat_options(add_generation_prompt=True, continue_final_message=True)
+    assert info.value.param == "continue_final_message"
+    check_chat_options(add_generation_prompt=False, continue_final_message=True)
 
 
 def test_guess_param():

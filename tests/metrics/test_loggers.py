@@ -96,9 +96,9 @@ def test_busy_lines_go_to_info(caplog) -> None:  # noqa: ANN001
 
 def test_manager_fans_out_and_disable_log_stats() -> None:
     engine_config = SimpleNamespace(
-        model_config=SimpleNamespace(served_model_name="m", model="m", max_model_len=128,
+        model_config=SimpleNamespace(model="m", max_model_len=128,
                                      dtype="torch.float32"),
-        cache_config=SimpleNamespace(block_size=16, num_blocks=9, enable_prefix_caching=False),
+        cache_config=SimpleNamespace(block_size=16, enable_prefix_caching=False),
     )
     manager = StatLoggerManager.create(engine_config)
     kinds = [type(x) for x in manager.stat_loggers]
@@ -106,6 +106,13 @@ def test_manager_fans_out_and_disable_log_stats() -> None:
     manager.record(SchedulerStats(num_running_reqs=2), _iteration(5, 1))
     text = manager.prometheus.generate_latest().decode()
     assert 'pagedserve:prompt_tokens_total{engine="0",model_name="m"} 5.0' in text
+    # cache_config_info waits for the engine core to size the KV cache.
+    assert 'dtype="float32"' not in text
+    manager.log_engine_initialized(9)
+    manager.log_engine_initialized(12)  # set once
+    text = manager.prometheus.generate_latest().decode()
     assert 'dtype="float32"' in text
+    assert text.count("pagedserve:cache_config_info{") == 1
+    assert 'num_blocks="9"' in text and 'num_gpu_blocks="9"' in text
     quiet = StatLoggerManager.create(engine_config, log_stats=False)
     assert [type(x) for x in quiet.stat_loggers] == [PrometheusStatLogger]

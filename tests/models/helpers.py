@@ -6,7 +6,7 @@ import torch
 
 from pagedserve.config import ModelConfig
 from pagedserve.models.loader import get_model
-from pagedserve.models.resolve import ResolvedModel, resolve_model
+from pagedserve.transformers_utils.resolve import ResolvedModel, resolve_model
 
 
 def model_config_for(resolved: ResolvedModel, dtype: torch.dtype = torch.float32) -> ModelConfig:
@@ -19,8 +19,6 @@ def model_config_for(resolved: ResolvedModel, dtype: torch.dtype = torch.float32
         dtype=dtype,
         dtype_reason="test",
         max_model_len=int(getattr(resolved.hf_config, "max_position_embeddings", 512)),
-        served_model_name="test",
-        chat_template=resolved.chat_template,
         eos_token_ids=resolved.eos_token_ids,
     )
 

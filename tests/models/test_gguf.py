@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 import torch
 
+from pagedserve.models import gguf_loader
 from pagedserve.models.gguf_loader import (
+    WEIGHTS_FORMAT_VERSION,
     cached_weights_file,
+    cached_weights_path,
     convert_gguf_weights,
-    file_fingerprint,
-    read_gguf,
     undo_gguf_quirks,
 )
+from pagedserve.transformers_utils.gguf_reader import file_fingerprint, gguf_cache_dir, read_gguf
 from tests.models.helpers import load_ours
 from tests.utils.paged import PagedSequenceRunner
 
@@ -45,6 +47,32 @@ def test_fingerprint_tracks_content(tmp_path) -> None:
     assert first == file_fingerprint(path)
     path.write_bytes(b"GGUF" + bytes(range(256)) * 99 + bytes(256))
     assert file_fingerprint(path) != first
+
+
+def test_fingerprint_is_size_and_sampled_content_not_mtime(tmp_path) -> None:
+    import os
+
+    path = tmp_path / "x.gguf"
+    path.write_bytes(b"GGUF" + bytes(range(256)) * 100)
+    first = file_fingerprint(path)
+    os.utime(path, (1, 1))
+    assert file_fingerprint(path) == first  # the mtime is not part of it
+    path.write_bytes(b"GGUF" + bytes(range(256)) * 100 + b"x")
+    assert file_fingerprint(path) != first  # the size is
+
+
+def test_weights_cache_path_carries_the_format_version(tmp_path, monkeypatch) -> None:
+    """A loader change bumps WEIGHTS_FORMAT_VERSION, so old dequantized weights are not reused."""
+    monkeypatch.setenv("PAGEDSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "x.gguf"
+    path.write_bytes(b"GGUF" + bytes(64))
+    target = cached_weights_path(path, torch.float32)
+    assert target.parent == gguf_cache_dir(path)
+    assert target.is_relative_to(tmp_path / "cache")
+    assert target.name == f"weights.v{WEIGHTS_FORMAT_VERSION}.float32.safetensors"
+    assert cached_weights_path(path, torch.bfloat16).name.endswith(".bfloat16.safetensors")
+    monkeypatch.setattr(gguf_loader, "WEIGHTS_FORMAT_VERSION", WEIGHTS_FORMAT_VERSION + 1)
+    assert cached_weights_path(path, torch.float32) != target
 
 
 def test_quirks_match_transformers_tensor_processors() -> None:
@@ -94,7 +122,7 @@ def test_weights_equal_transformers_gguf_loading(default_resolved_model) -> None
 
 
 def test_default_model_resolves_from_cache(default_resolved_model) -> None:
-    from pagedserve.models.resolve import resolve_model
+    from pagedserve.transformers_utils.resolve import resolve_model
 
     resolved = default_resolved_model
     assert resolved.architecture == "Gemma3ForCausalLM"

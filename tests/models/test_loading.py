@@ -14,7 +14,7 @@ from pagedserve import platform
 from pagedserve.layers.linear import MergedLinear, QKVLinear
 from pagedserve.models.loader import build_model, get_model
 from pagedserve.models.registry import get_model_class, supported_architectures
-from pagedserve.models.resolve import resolve_model
+from pagedserve.transformers_utils.resolve import resolve_model
 from tests.models.helpers import model_config_for
 
 

@@ -1,5 +1,8 @@
 """Flags of `pagedserve serve`, mirroring `vllm serve`, and `--config FILE.yaml`.
 
+Three groups: the server's own (-> ``ServerConfig``, defaults from there), the engine's
+(generated from ``EngineArgs``) and observability (-> ``ObservabilityConfig``).
+
 A YAML config holds flag names (``max-num-seqs: 8`` or ``max_num_seqs: 8``) and values;
 flags given on the command line win over the file, as in vLLM.
 """
@@ -12,7 +15,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from pagedserve.entrypoints.engine_flags import add_engine_flags
-from pagedserve.metrics.observability import add_observability_flags
+from pagedserve.entrypoints.observability_args import add_observability_flags
+from pagedserve.entrypoints.openai.server_config import UVICORN_LOG_LEVELS, ServerConfig
 
 
 class ConfigFileArgumentParser(argparse.ArgumentParser):
@@ -121,23 +125,27 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    defaults = ServerConfig()
     parser.add_argument("--config", default=None,
                         help="YAML file of flag values (command-line flags win)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--served-model-name", nargs="+", default=None,
-                        help="model name(s) the API accepts; the first is reported")
-    parser.add_argument("--api-key", default=None,
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default=defaults.host,
+                        help=f"address to listen on (default: {defaults.host})")
+    server.add_argument("--port", type=int, default=defaults.port,
+                        help=f"port to listen on (default: {defaults.port})")
+    server.add_argument("--served-model-name", nargs="+", default=None,
+                        help="model name(s) the API accepts; the first is reported "
+                        "(default: the model as named)")
+    server.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on /v1/* "
                         "(default: $PAGEDSERVE_API_KEY)")
-    parser.add_argument("--chat-template", default=None,
-                        help="chat template (a file or the template itself)")
-    parser.add_argument("--max-num-queued-requests", type=int, default=0,
-                        help="answer 429 when this many requests wait (0: unbounded)")
-    parser.add_argument("--uvicorn-log-level", default="info",
-                        choices=["critical", "error", "warning", "info", "debug", "trace"])
-    parser.add_argument("--disable-uvicorn-access-log", action="store_true")
-    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+    server.add_argument("--chat-template", default=None,
+                        help="chat template: a file, the template itself, or the name of one "
+                        "of the tokenizer's templates (default: the model's own)")
+    server.add_argument("--uvicorn-log-level", default=defaults.uvicorn_log_level,
+                        choices=list(UVICORN_LOG_LEVELS))
+    server.add_argument("--disable-uvicorn-access-log", action="store_true")
+    server.add_argument("--shutdown-timeout", type=float, default=defaults.shutdown_timeout,
                         help="seconds SIGTERM waits for in-flight requests before exiting")
     add_engine_flags(parser)
     add_observability_flags(parser)

@@ -1,10 +1,16 @@
-"""Chat templates: validate OpenAI-style messages and render them into one prompt string.
+"""Chat templates, in one place: where a model's template comes from, the built-in and
+GGUF fallback templates, validating OpenAI-style messages, and rendering them into one
+prompt string.
 
-Where the template comes from (:func:`resolve_chat_template`): an explicit template (a Jinja
-string or a path to a ``.jinja`` file), else the tokenizer's own ``chat_template``, else a
+Where the template comes from (:func:`resolve_chat_template`): an explicit template (the
+user's ``--chat-template`` or ``LLM.chat(chat_template=...)``: a Jinja string, a path to a
+``.jinja`` file, or the name of one of the tokenizer's named templates), else the model's
+own (:func:`folder_chat_template`: ``tokenizer_config.json``, ``chat_template.jinja`` or
+``chat_template.json`` of the tokenizer folder; the tokenizer's ``chat_template``), else a
 built-in template for the model family (:func:`builtin_chat_template`). The default Gemma 3
-GGUF carries no template; ``models/resolve.py`` attaches the official Gemma 3 one to the
-converted tokenizer, and the built-in Gemma template renders the same text for it.
+GGUF carries no template; GGUF conversion (``transformers_utils/resolve.py``) attaches the
+official Gemma 3 one (:func:`fallback_chat_template`) to the converted tokenizer, and the
+built-in Gemma template renders the same text for it.
 
 BOS: most templates write the BOS token themselves (``{{ bos_token }}``). Tokenizing the
 rendered text with ``add_special_tokens=True`` would then add a second one; use
@@ -22,7 +28,10 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
+
+from pagedserve.transformers_utils.utils import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +191,57 @@ def builtin_chat_template(model_type: str) -> str:
     return _BUILTIN_TEMPLATES[chat_template_family(model_type)]
 
 
+# -------------------------------------------------------------- GGUF fallback templates
+# Gemma 3's template (as in google/gemma-3-*-it tokenizer_config.json), text only.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}"
+    "{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = \"\" -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}"
+    "{%- endif -%}"
+    "{%- if (message['role'] == 'assistant') -%}"
+    "{%- set role = \"model\" -%}"
+    "{%- else -%}"
+    "{%- set role = message['role'] -%}"
+    "{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}"
+    "{%- if message['content'] is string -%}"
+    "{{ message['content'] | trim }}"
+    "{%- elif message['content'] is iterable -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'text' -%}"
+    "{{ item['text'] | trim }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- else -%}"
+    "{{ raise_exception(\"Invalid content type\") }}"
+    "{%- endif -%}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{ '<start_of_turn>model\n' }}"
+    "{%- endif -%}"
+)
+
+
+def fallback_chat_template(gguf_arch: str, vocab: list[str]) -> str | None:
+    """A known template for this GGUF architecture when its special tokens exist."""
+    if gguf_arch == "gemma3" and "<start_of_turn>" in vocab and "<end_of_turn>" in vocab:
+        return GEMMA3_CHAT_TEMPLATE
+    return None
+
+
 # ------------------------------------------------------------------ template resolution
 def load_chat_template(chat_template: str | os.PathLike[str]) -> str:
     """A template given on the command line or in a request: a file path or Jinja text."""
@@ -248,6 +308,42 @@ def resolve_chat_template(
         family = "mistral"  # Llama 1/2 tokenizers: [INST] format
     logger.info("The tokenizer has no chat template; using the built-in %s template", family)
     return _BUILTIN_TEMPLATES[family]
+
+
+def folder_chat_template(folder: str | os.PathLike[str]) -> str | None:
+    """The model's own chat template in a model/tokenizer folder, or None.
+
+    ``tokenizer_config.json``'s ``chat_template`` (its "default" when the templates are
+    named), else ``chat_template.jinja``, else ``chat_template.json``.
+    """
+    folder = Path(folder)
+    template = read_json(folder / "tokenizer_config.json").get("chat_template")
+    if isinstance(template, list):  # named templates: take "default"
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if isinstance(template, str) and template:
+        return template
+    jinja = folder / "chat_template.jinja"
+    if jinja.exists():
+        return jinja.read_text()
+    as_json = read_json(folder / "chat_template.json").get("chat_template")
+    return as_json if isinstance(as_json, str) and as_json else None
+
+
+def resolve_model_chat_template(
+    tokenizer: Any,
+    tokenizer_path: str | os.PathLike[str] | None,
+    model_type: str | None,
+    override: str | None = None,
+) -> str:
+    """The template a front end renders with: ``override`` (the user's) when given, else the
+    model's own from its tokenizer folder, else the tokenizer's, else the family's built-in.
+
+    Raises ValueError when ``override`` is neither a template, a file nor a named template.
+    """
+    if override is None and tokenizer_path is not None:
+        override = folder_chat_template(tokenizer_path)
+    return resolve_chat_template(tokenizer, model_type, override)
 
 
 # --------------------------------------------------------------------- validation

@@ -1,4 +1,5 @@
-"""Chat templates: resolution, built-in family templates, validation, BOS handling."""
+"""Chat templates: resolution (user override > the model's own > built-in), the model
+folder's template, built-in and GGUF fallback templates, validation, BOS handling."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from pagedserve.engine.chat_utils import (
+from pagedserve.transformers_utils.chat_templates import (
+    GEMMA3_CHAT_TEMPLATE,
     apply_chat_template,
     builtin_chat_template,
     chat_template_family,
+    fallback_chat_template,
+    folder_chat_template,
     guess_chat_template_family,
     resolve_chat_template,
+    resolve_model_chat_template,
     tokenize_prompt,
     validate_conversation,
 )
@@ -28,7 +33,7 @@ SYSTEM_AND_USER = [
 def _gemma_tokenizer_dir() -> str:
     """Same cached GGUF tokenizer conversion as tests/engine/test_detokenizer.py."""
     try:
-        from pagedserve.models.resolve import resolve_model
+        from pagedserve.transformers_utils.resolve import resolve_model
     except ImportError:
         resolve_model = None
     if resolve_model is not None:
@@ -51,7 +56,7 @@ def _gemma_tokenizer_dir() -> str:
 
 @pytest.fixture(scope="session")
 def gemma_tokenizer():
-    from pagedserve.engine.tokenizer import load_tokenizer
+    from pagedserve.transformers_utils.tokenizer import load_tokenizer
 
     return load_tokenizer(_gemma_tokenizer_dir())
 
@@ -403,3 +408,41 @@ def test_bare_tokenizers_tokenizer():
     )
     assert text.endswith("<|im_start|>assistant\nHi")
     assert tokenize_prompt(backend, "Hello world") == backend.encode("Hello world").ids
+
+
+def test_folder_chat_template_sources(tmp_path):
+    import json
+
+    assert folder_chat_template(tmp_path) is None
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "J{{ 1 }}"}))
+    assert folder_chat_template(tmp_path) == "J{{ 1 }}"
+    (tmp_path / "chat_template.jinja").write_text("F{{ 1 }}")
+    assert folder_chat_template(tmp_path) == "F{{ 1 }}"
+    named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D{{ 1 }}"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
+    assert folder_chat_template(tmp_path) == "D{{ 1 }}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "C{{ 1 }}"}))
+    assert folder_chat_template(tmp_path) == "C{{ 1 }}"
+
+
+def test_model_template_resolution_order(bpe_tokenizer, tmp_path):
+    """The user's override > the model folder's template > the tokenizer's > built-in."""
+    assert resolve_model_chat_template(bpe_tokenizer, tmp_path, "qwen3") == (
+        builtin_chat_template("qwen3")
+    )
+    bpe_tokenizer.chat_template = "TOKENIZER{{ 1 }}"
+    assert resolve_model_chat_template(bpe_tokenizer, tmp_path, "qwen3") == "TOKENIZER{{ 1 }}"
+    (tmp_path / "chat_template.jinja").write_text(OWN_TEMPLATE)
+    assert resolve_model_chat_template(bpe_tokenizer, tmp_path, "qwen3") == OWN_TEMPLATE
+    override = "O{{ messages[0].content }}"
+    assert resolve_model_chat_template(bpe_tokenizer, tmp_path, "qwen3", override) == override
+    with pytest.raises(ValueError, match="neither an existing file nor a Jinja template"):
+        resolve_model_chat_template(bpe_tokenizer, tmp_path, "qwen3", str(tmp_path / "no"))
+
+
+def test_gguf_fallback_template_needs_gemma3_turn_tokens():
+    assert fallback_chat_template("gemma3", ["<start_of_turn>", "<end_of_turn>"]) == (
+        GEMMA3_CHAT_TEMPLATE
+    )
+    assert fallback_chat_template("gemma3", ["<eos>"]) is None
+    assert fallback_chat_template("llama", ["<start_of_turn>", "<end_of_turn>"]) is None

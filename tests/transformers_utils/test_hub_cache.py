@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pagedserve.models.resolve import resolve_model
+from pagedserve.transformers_utils.resolve import resolve_model
 
 
 def _make_hub_cache(cache: Path, repo_id: str, source: Path) -> Path:

@@ -1,5 +1,5 @@
 """Resolve what the user named (nothing, a folder, a .gguf file, a hub id) to local files,
-an HF text config, the architecture, the chat template and the EOS token ids.
+an HF text config, the architecture, the model's own chat template and the EOS token ids.
 
 GGUF files are converted once (config, tokenizer, metadata; ~1 min for Gemma's 262k
 vocabulary) into a cache folder keyed by the file's fingerprint; later starts read that
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Iterable
@@ -18,8 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pagedserve.models.registry import MODEL_TYPE_TO_ARCHITECTURE
-from pagedserve.models.utils import cache_root
+from pagedserve.transformers_utils.config import architecture_of, check_architecture
+from pagedserve.transformers_utils.utils import (
+    cache_root,
+    read_json,
+    safetensors_files,
+    write_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +42,7 @@ class ResolvedModel:
     tokenizer_path: str  # folder with tokenizer files (GGUF: the cached conversion)
     hf_config: Any  # transformers text config
     architecture: str  # e.g. "Gemma3ForCausalLM"
-    chat_template: str | None
+    chat_template: str | None  # the model's own (the files'), not a user override
     eos_token_ids: frozenset[int]
 
     @property
@@ -94,7 +98,7 @@ def default_model_path() -> str:
     path = Path(assemble())
     stat = path.stat()
     stamp = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    _write_atomic(marker, json.dumps(stamp))
+    write_atomic(marker, json.dumps(stamp))
     return str(path)
 
 
@@ -130,26 +134,25 @@ def _resolve_folder(folder: Path) -> ResolvedModel:
         )
     from transformers import AutoConfig
 
-    from pagedserve.models.registry import get_model_class
-    from pagedserve.models.safetensors_loader import safetensors_files
+    from pagedserve.transformers_utils.chat_templates import folder_chat_template
 
     # Refuse an unsupported architecture before transformers parses the config (it may
     # not know the model type at all), with the list of what is supported.
-    raw_config = _read_json(folder / "config.json")
+    raw_config = read_json(folder / "config.json")
     for name in raw_config.get("architectures") or []:
-        get_model_class(str(name))
+        check_architecture(str(name))
     config = AutoConfig.from_pretrained(str(folder))
     safetensors_files(folder)  # ValueError when there are no weights
     if not any((folder / name).exists() for name in _TOKENIZER_FILES):
         raise ValueError(
             f"{folder} has no tokenizer files; expected one of {', '.join(_TOKENIZER_FILES)}"
         )
-    architecture = _architecture_of(config)
+    architecture = architecture_of(config)
     text_config = config
     if hasattr(config, "get_text_config"):
         text_config = config.get_text_config()
-    generation = _read_json(folder / "generation_config.json")
-    tokenizer_config = _read_json(folder / "tokenizer_config.json")
+    generation = read_json(folder / "generation_config.json")
+    tokenizer_config = read_json(folder / "tokenizer_config.json")
     eos = _eos_ids(
         getattr(config, "eos_token_id", None),
         generation.get("eos_token_id"),
@@ -160,36 +163,9 @@ def _resolve_folder(folder: Path) -> ResolvedModel:
         tokenizer_path=str(folder),
         hf_config=text_config,
         architecture=architecture,
-        chat_template=_folder_chat_template(folder, tokenizer_config),
+        chat_template=folder_chat_template(folder),
         eos_token_ids=eos,
     )
-
-
-def _architecture_of(config: Any) -> str:
-    architectures = getattr(config, "architectures", None) or []
-    if architectures:
-        return str(architectures[0])
-    model_type = getattr(config, "model_type", "")
-    if model_type in MODEL_TYPE_TO_ARCHITECTURE:
-        return MODEL_TYPE_TO_ARCHITECTURE[model_type]
-    raise ValueError(
-        f"cannot tell the architecture of model_type {model_type!r}; supported model types: "
-        f"{', '.join(sorted(MODEL_TYPE_TO_ARCHITECTURE))}"
-    )
-
-
-def _folder_chat_template(folder: Path, tokenizer_config: dict[str, Any]) -> str | None:
-    template = tokenizer_config.get("chat_template")
-    if isinstance(template, list):  # named templates: take "default"
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    if isinstance(template, str) and template:
-        return template
-    jinja = folder / "chat_template.jinja"
-    if jinja.exists():
-        return jinja.read_text()
-    as_json = _read_json(folder / "chat_template.json").get("chat_template")
-    return as_json if isinstance(as_json, str) and as_json else None
 
 
 def _token_id_of(folder: Path, token: Any) -> int | None:
@@ -198,7 +174,7 @@ def _token_id_of(folder: Path, token: Any) -> int | None:
         token = token.get("content")
     if not isinstance(token, str):
         return None
-    data = _read_json(folder / "tokenizer.json")
+    data = read_json(folder / "tokenizer.json")
     for added in data.get("added_tokens", []):
         if added.get("content") == token:
             return int(added["id"])
@@ -215,13 +191,13 @@ def _token_id_of(folder: Path, token: Any) -> int | None:
 def _resolve_gguf(path: Path) -> ResolvedModel:
     from transformers import AutoConfig
 
-    from pagedserve.models.gguf_loader import gguf_cache_dir
+    from pagedserve.transformers_utils.gguf_reader import gguf_cache_dir
 
     if not path.exists():
         raise ValueError(f"GGUF file {path} does not exist")
     cache = gguf_cache_dir(path)
     meta_path = cache / _GGUF_META_FILE
-    meta = _read_json(meta_path)
+    meta = read_json(meta_path)
     if meta.get("version") != _GGUF_META_VERSION:
         meta = _convert_gguf(path, cache)
     config = AutoConfig.from_pretrained(str(cache))
@@ -239,15 +215,15 @@ def _convert_gguf(path: Path, cache: Path) -> dict[str, Any]:
     """Write config.json, tokenizer files and our metadata for a GGUF file into ``cache``."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from pagedserve.models.chat_templates import fallback_chat_template
-    from pagedserve.models.gguf_loader import read_gguf
+    from pagedserve.transformers_utils.chat_templates import fallback_chat_template
+    from pagedserve.transformers_utils.gguf_reader import read_gguf
 
     start = time.perf_counter()
     logger.info("converting GGUF metadata and tokenizer of %s (one time, cached in %s)", path, cache)
     gguf_file = read_gguf(path)
     folder, name = str(path.parent), path.name
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    architecture = _architecture_of(config)
+    architecture = architecture_of(config)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     metadata = gguf_file.metadata
     vocab = list(metadata.get("tokenizer.ggml.tokens", []))
@@ -278,7 +254,7 @@ def _convert_gguf(path: Path, cache: Path) -> dict[str, Any]:
         "chat_template": chat_template,
         "eos_token_ids": sorted(eos),
     }
-    _write_atomic(cache / _GGUF_META_FILE, json.dumps(meta, indent=1))
+    write_atomic(cache / _GGUF_META_FILE, json.dumps(meta, indent=1))
     logger.info("GGUF conversion done in %.1f s", time.perf_counter() - start)
     return meta
 
@@ -296,18 +272,3 @@ def _eos_ids(*sources: Any) -> frozenset[int]:
         elif int(source) >= 0:
             ids.add(int(source))
     return frozenset(ids)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
