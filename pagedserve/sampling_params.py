@@ -65,8 +65,8 @@ class SamplingParams:
         if self.top_k == 0:
             self.top_k = -1
         if 0 < self.temperature < _SAMPLING_EPS:
-            # Tiny temperatures are numerically unstable; treat as greedy like vLLM does
-            # only when exactly 0, otherwise clamp.
+            # Only temperature 0 means greedy. A tiny positive temperature would overflow
+            # logits / temperature, so it is raised to _SAMPLING_EPS (still sampling).
             self.temperature = _SAMPLING_EPS
         self._verify()
         self.all_stop_token_ids = set(self.stop_token_ids)
@@ -119,11 +119,6 @@ class SamplingParams:
         assert isinstance(self.stop, list)
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings.")
-
-    @property
-    def greedy(self) -> bool:
-        """True when sampling is exact argmax."""
-        return self.temperature == 0.0
 
     def clone(self) -> SamplingParams:
         return copy.deepcopy(self)

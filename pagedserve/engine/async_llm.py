@@ -1,7 +1,7 @@
 """AsyncLLM: the asyncio front end of the engine core process (what the API server uses).
 
-Input processing (tokens, validation) and output processing (detokenization, stop
-strings, n > 1 fan-in) run here, in the API process; the engine core runs in its own
+The shared front end (``EngineFrontend``: tokens, validation, detokenization, stop
+strings, n > 1 fan-in) runs here, in the API process; the engine core runs in its own
 process behind ``AsyncMPClient``. One asyncio task reads the core's outputs and hands
 each request's ``RequestOutput`` to that request's collector; ``generate()`` yields
 from the collector. A slow consumer gets merged deltas, never a growing queue.
@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pagedserve.config import EngineConfig
 from pagedserve.engine.arg_utils import EngineArgs
 from pagedserve.engine.core_client import AsyncMPClient, EngineDeadError
-from pagedserve.engine.input_processor import InputProcessor, PromptType
-from pagedserve.engine.messages import EngineCoreOutputs, SchedulerStats
-from pagedserve.engine.output_processor import OutputProcessor, ParentRequest
-from pagedserve.engine.tokenizer import load_tokenizer
+from pagedserve.engine.frontend import EngineFrontend
+from pagedserve.engine.input_processor import ProcessedPrompt, PromptType, QueueFullError
+from pagedserve.engine.messages import SchedulerStats
 from pagedserve.metrics.stats import IterationStats
 from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
@@ -31,11 +30,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AsyncLLM", "EngineDeadError", "QueueFullError", "RequestOutputCollector"]
-
-
-class QueueFullError(RuntimeError):
-    """The engine's waiting queue is at --max-num-queued-requests (HTTP 429)."""
+__all__ = [
+    "AsyncLLM", "EngineDeadError", "EngineHealth", "QueueFullError", "RequestOutputCollector"
+]
 
 
 class RequestOutputCollector:
@@ -103,8 +100,24 @@ def _merge_delta(into: RequestOutput, new: RequestOutput) -> None:
         into.prompt_logprobs = new.prompt_logprobs
 
 
-class AsyncLLM:
+@dataclass(frozen=True)
+class EngineHealth:
+    """What /health reports about the engine core."""
+
+    status: str  # "ok", "stalled" (alive but no heartbeat) or "dead"
+    engine_pid: int | None
+    seconds_since_heartbeat: float
+    scheduler_stats: SchedulerStats | None
+
+    @property
+    def healthy(self) -> bool:
+        return self.status == "ok"
+
+
+class AsyncLLM(EngineFrontend):
     """Serve requests from asyncio code; the engine core runs in its own process."""
+
+    engine_core: AsyncMPClient
 
     def __init__(
         self,
@@ -113,25 +126,20 @@ class AsyncLLM:
         on_engine_dead: Callable[[EngineDeadError], None] | None = None,
         observability: EngineObservability | None = None,
     ) -> None:
-        self.engine_config = engine_config
-        self.model_config = engine_config.model_config
-        self.tokenizer = load_tokenizer(self.model_config.tokenizer_path)
-        self.input_processor = InputProcessor(self.model_config, self.tokenizer)
+        # The API rejects a max_tokens that cannot fit (OpenAI's behaviour).
+        log_stats = observability is not None and observability.log_stats
+        super().__init__(engine_config, strict_max_tokens=True, log_stats=log_stats)
         # Metrics (IterationStats per step -> stat loggers) and tracing, when given.
         self.observability = observability
-        self.log_stats = observability is not None and observability.log_stats
-        self.output_processor = OutputProcessor(self.tokenizer, log_stats=self.log_stats)
         if observability is not None and observability.tracer is not None:
             self.output_processor.on_parent_finished = observability.on_parent_finished
-        self.max_num_queued_requests = engine_config.scheduler_config.max_num_queued_requests
         self.on_engine_dead = on_engine_dead
         self.collectors: dict[str, RequestOutputCollector] = {}
-        # Called after each engine step's outputs are processed (metrics hook):
-        # callback(core_outputs: EngineCoreOutputs, request_outputs: list[RequestOutput]).
-        self.step_callbacks: list[Callable[[EngineCoreOutputs, list[RequestOutput]], None]] = []
         self.dead_error: EngineDeadError | None = None
         self._output_task: asyncio.Task[None] | None = None
         self.engine_core = AsyncMPClient(engine_config, log_level=log_level)
+        if observability is not None:
+            observability.log_engine_initialized(self.engine_core.ready_info.num_blocks)
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs, **kwargs: Any) -> AsyncLLM:
@@ -146,16 +154,27 @@ class AsyncLLM:
         """The engine core process is alive and its heartbeat is recent."""
         return not self.errored and self.engine_core.is_alive()
 
+    def health(self) -> EngineHealth:
+        client = self.engine_core
+        if self.is_alive():
+            status = "ok"
+        elif self.errored or not client.is_process_alive():
+            status = "dead"
+        else:
+            status = "stalled"
+        return EngineHealth(
+            status, client.engine_pid, client.seconds_since_heartbeat(), client.last_stats
+        )
+
     @property
     def scheduler_stats(self) -> SchedulerStats | None:
+        """The engine core's latest reported state (from its last step or heartbeat)."""
         return self.engine_core.last_stats
 
-    def get_tokenizer(self) -> Any:
-        return self.tokenizer
-
-    def num_unfinished_requests(self) -> int:
-        """Child requests (n > 1 counts n) this front end has in the engine."""
-        return len(self.output_processor.request_states)
+    @property
+    def ready_info(self) -> Any:
+        """Start-up facts the engine core reported (EngineCoreReadyInfo)."""
+        return self.engine_core.ready_info
 
     def num_queued_requests(self) -> int:
         """Requests waiting in the engine: in flight here minus running in the core."""
@@ -165,12 +184,7 @@ class AsyncLLM:
 
     def check_capacity(self, num_new_requests: int) -> None:
         """Raise QueueFullError if that many more requests would overfill the waiting queue."""
-        limit = self.max_num_queued_requests
-        if limit > 0 and self.num_queued_requests() + num_new_requests > limit:
-            raise QueueFullError(
-                f"The server is at capacity: {self.num_queued_requests()} requests are "
-                f"waiting (--max-num-queued-requests {limit}). Retry later."
-            )
+        self.input_processor.check_capacity(self.num_queued_requests(), num_new_requests)
 
     # ---------------------------------------------------------------- requests
     def start(self) -> None:
@@ -183,9 +197,10 @@ class AsyncLLM:
     def add_request(
         self,
         request_id: str,
-        prompt: PromptType,
+        prompt: PromptType | ProcessedPrompt,
         params: SamplingParams,
         priority: int = 0,
+        cache_salt: str | None = None,
         trace_context: Any = None,
     ) -> RequestOutputCollector:
         """Validate, register and send one request; raises ValueError / QueueFullError.
@@ -196,20 +211,10 @@ class AsyncLLM:
         if self.dead_error is not None or self.engine_core.dead_reason is not None:
             raise self.dead_error or EngineDeadError(self.engine_core.dead_reason)
         self.start()
-        if request_id in self.collectors or request_id in self.output_processor.parents:
-            raise ValueError(f"Request id {request_id!r} is already running")
         self.check_capacity(params.n)
-        processed = self.input_processor.process_prompt(prompt)
-        parent = ParentRequest(request_id, params)
-        parent.trace_context = trace_context
-        core_requests = self.input_processor.make_child_requests(
-            parent, processed, priority, time.time()
-        )
         collector = RequestOutputCollector(params.output_kind)
+        self.add_parent_request(request_id, prompt, params, priority, cache_salt, trace_context)
         self.collectors[request_id] = collector
-        self.output_processor.add_children(parent, processed.prompt, core_requests)
-        for core_request in core_requests:
-            self.engine_core.add_request(core_request)
         return collector
 
     async def generate(
@@ -219,7 +224,7 @@ class AsyncLLM:
         request_id: str,
         priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs until it finishes.
+        """Yield the request's outputs until it finishes (``vllm.AsyncLLM.generate``).
 
         Closing or cancelling the iterator (a client disconnect) aborts the request
         in the engine core, freeing its KV blocks. Raises EngineDeadError if the engine
@@ -240,32 +245,25 @@ class AsyncLLM:
         """Abort requests (parent ids) in the front end and the engine core."""
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         iteration_stats = IterationStats() if self.log_stats else None
-        child_ids = self.output_processor.abort_requests(ids, iteration_stats)
+        child_ids = self.abort_parent_requests(ids, iteration_stats)
         if iteration_stats is not None and self.observability is not None and child_ids:
             self.observability.record(None, iteration_stats)
         for rid in ids:
             self.collectors.pop(rid, None)
         if child_ids:
             logger.info("aborted request(s) %s", ", ".join(ids))
-            self.engine_core.abort_requests(child_ids)
 
     # ---------------------------------------------------------------- outputs
     async def _output_handler(self) -> None:
-        engine_core = self.engine_core
-        output_processor = self.output_processor
-        observability = self.observability
-        log_stats = self.log_stats
         try:
             while True:
-                core_outputs = await engine_core.get_output_async()
-                iteration_stats = IterationStats() if log_stats else None
-                request_outputs, to_abort = output_processor.process_outputs(
-                    core_outputs.outputs, time.time(), core_outputs.timestamp, iteration_stats
-                ) if core_outputs.outputs else ([], [])
-                if observability is not None:
+                core_outputs = await self.engine_core.get_output_async()
+                iteration_stats = IterationStats() if self.log_stats else None
+                request_outputs = self.process_core_outputs(core_outputs, iteration_stats)
+                if self.observability is not None:
                     # Before any handler runs: a response never precedes its metrics.
                     try:
-                        observability.record(core_outputs.scheduler_stats, iteration_stats)
+                        self.observability.record(core_outputs.scheduler_stats, iteration_stats)
                     except Exception:  # metrics must never take the server down
                         logger.exception("recording engine stats failed")
                 for request_output in request_outputs:
@@ -275,13 +273,6 @@ class AsyncLLM:
                     collector.put(request_output)
                     if request_output.finished:
                         self.collectors.pop(request_output.request_id, None)
-                if to_abort:
-                    engine_core.abort_requests(to_abort)
-                for callback in self.step_callbacks:
-                    try:
-                        callback(core_outputs, request_outputs)
-                    except Exception:
-                        logger.exception("step callback failed")
         except asyncio.CancelledError:
             raise
         except EngineDeadError as exc:
@@ -300,10 +291,8 @@ class AsyncLLM:
 
     # ---------------------------------------------------------------- utilities
     async def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix block not in use; False if some are in use."""
         return bool(await self.engine_core.call_utility_async("reset_prefix_cache"))
-
-    async def get_engine_stats(self) -> dict[str, Any]:
-        return await self.engine_core.call_utility_async("get_stats")
 
     async def shutdown(self) -> None:
         """Stop reading outputs and shut the engine core down."""

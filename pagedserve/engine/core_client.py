@@ -12,7 +12,6 @@ import asyncio
 import itertools
 import logging
 import multiprocessing
-import os
 import shutil
 import tempfile
 import time
@@ -22,25 +21,22 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from pagedserve.config import EngineConfig
-from pagedserve.engine.core_proc import (
+from pagedserve import envs
+from pagedserve.config import EngineConfig, KVCacheConfig
+from pagedserve.engine.core_proc import run_engine_core
+from pagedserve.engine.messages import (
     EngineCoreHeartbeat,
+    EngineCoreOutputs,
     EngineCoreReadyInfo,
+    EngineCoreRequest,
     InputKind,
     OutputKind,
+    SchedulerStats,
     UtilityResult,
-    run_engine_core,
 )
-from pagedserve.engine.messages import EngineCoreOutputs, EngineCoreRequest, SchedulerStats
 
 logger = logging.getLogger(__name__)
 
-# Seconds between heartbeats from the engine core.
-HEARTBEAT_INTERVAL_S = float(os.environ.get("PAGEDSERVE_ENGINE_HEARTBEAT_INTERVAL", "1.0"))
-# Without any message from the core for this long, it counts as stalled (/health 503).
-HEARTBEAT_TIMEOUT_S = float(os.environ.get("PAGEDSERVE_ENGINE_HEARTBEAT_TIMEOUT", "30"))
-# How long to wait for the engine core to load the model and report ready.
-READY_TIMEOUT_S = float(os.environ.get("PAGEDSERVE_ENGINE_READY_TIMEOUT", "1800"))
 # How often the output reader checks the core process while no message arrives.
 _POLL_INTERVAL_S = 0.25
 
@@ -74,14 +70,15 @@ class InprocClient:
         self.last_stats = outputs.scheduler_stats
         return outputs
 
-    # Drop-in for EngineCore where callers step it directly (LLMEngine).
-    step = get_output
+    def get_stats(self) -> SchedulerStats:
+        return self.engine_core.make_stats(0)
 
-    def has_unfinished_requests(self) -> bool:
-        return self.engine_core.has_unfinished_requests()
+    @property
+    def kv_cache_config(self) -> KVCacheConfig:
+        return self.engine_core.kv_cache_config
 
-    def is_alive(self) -> bool:
-        return True
+    def reset_prefix_cache(self) -> bool:
+        return self.engine_core.reset_prefix_cache()
 
     def shutdown(self) -> None:
         pass
@@ -91,21 +88,29 @@ class MPClient:
     """Starts the engine core in its own process and talks to it over ZMQ.
 
     The front end binds both sockets (PUSH for input, PULL for output) before the
-    child starts; the child connects. ``get_output()`` blocks until a step's outputs
-    arrive, handling heartbeats and utility answers on the way, and raises
-    ``EngineDeadError`` when the core process dies or reports a fatal error.
+    child starts; the child connects. Subclasses read the output socket (handling
+    heartbeats and utility answers on the way) and raise ``EngineDeadError`` when the
+    core process dies or reports a fatal error.
     """
 
     def __init__(
         self,
         engine_config: EngineConfig,
         log_level: int | None = None,
-        heartbeat_interval: float = HEARTBEAT_INTERVAL_S,
-        heartbeat_timeout: float = HEARTBEAT_TIMEOUT_S,
+        heartbeat_interval: float | None = None,
+        heartbeat_timeout: float | None = None,
     ) -> None:
         self.engine_config = engine_config
-        self.heartbeat_interval = heartbeat_interval
-        self.heartbeat_timeout = heartbeat_timeout
+        # Seconds between heartbeats from the engine core; without any message from the
+        # core for heartbeat_timeout seconds it counts as stalled (/health 503).
+        self.heartbeat_interval = (
+            envs.PAGEDSERVE_ENGINE_HEARTBEAT_INTERVAL
+            if heartbeat_interval is None else heartbeat_interval
+        )
+        self.heartbeat_timeout = (
+            envs.PAGEDSERVE_ENGINE_HEARTBEAT_TIMEOUT
+            if heartbeat_timeout is None else heartbeat_timeout
+        )
         self._tmpdir = tempfile.mkdtemp(prefix="pagedserve-ipc-")
         self.input_address = f"ipc://{self._tmpdir}/input"
         self.output_address = f"ipc://{self._tmpdir}/output"
@@ -138,7 +143,7 @@ class MPClient:
                 "input_address": self.input_address,
                 "output_address": self.output_address,
                 "ready_pipe": writer,
-                "heartbeat_interval": heartbeat_interval,
+                "heartbeat_interval": self.heartbeat_interval,
                 "log_level": log_level,
             },
             daemon=True,
@@ -162,7 +167,9 @@ class MPClient:
         return socket
 
     def _wait_ready(self, reader: Any) -> EngineCoreReadyInfo:
-        deadline = time.monotonic() + READY_TIMEOUT_S
+        # How long to wait for the engine core to load the model and report ready.
+        ready_timeout = envs.PAGEDSERVE_ENGINE_READY_TIMEOUT
+        deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if reader.poll(0.2):
                 try:
@@ -179,7 +186,7 @@ class MPClient:
         self.process.join(1.0)
         if self.process.is_alive():
             raise EngineStartupError(
-                f"the engine core did not report ready within {READY_TIMEOUT_S:.0f} s"
+                f"the engine core did not report ready within {ready_timeout:.0f} s"
             )
         raise EngineStartupError(
             f"the engine core process exited with code {self.process.exitcode} during start-up"
@@ -229,6 +236,10 @@ class MPClient:
             logger.error("engine core is dead: %s", reason)
         return EngineDeadError(self.dead_reason)
 
+    def is_process_alive(self) -> bool:
+        """The engine-core process exists (it may still be stalled: see ``is_alive``)."""
+        return self.process.is_alive()
+
     def _check_process(self) -> None:
         if not self.process.is_alive():
             raise self._mark_dead(
@@ -259,18 +270,6 @@ class MPClient:
 
     def _on_utility_result(self, result: UtilityResult) -> None:
         logger.debug("utility result without a waiter: %s", result)
-
-    def get_output(self) -> EngineCoreOutputs:
-        """Block until a step's outputs arrive (sync use)."""
-        while True:
-            if self.dead_reason is not None:
-                raise EngineDeadError(self.dead_reason)
-            if self.output_socket.poll(int(_POLL_INTERVAL_S * 1000)):
-                outputs = self._handle_frames(self.output_socket.recv_multipart())
-                if outputs is not None:
-                    return outputs
-            else:
-                self._check_process()
 
     # ------------------------------------------------------------------ shutdown
     def shutdown(self, timeout: float = 5.0) -> None:
@@ -326,9 +325,6 @@ class AsyncMPClient(MPClient):
                     return outputs
             else:
                 self._check_process()
-
-    def get_output(self) -> EngineCoreOutputs:
-        raise RuntimeError("AsyncMPClient is read with get_output_async()")
 
     async def call_utility_async(self, method: str, *args: Any, timeout: float = 30.0) -> Any:
         """Call an allow-listed method on the engine core and wait for its answer."""

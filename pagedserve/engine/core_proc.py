@@ -21,64 +21,25 @@ import signal
 import sys
 import time
 import traceback
-from enum import Enum
 from typing import Any
 
 import msgspec
 import zmq
 
-from pagedserve.engine.messages import EngineCoreRequest, SchedulerStats
+from pagedserve.engine.messages import (
+    EngineCoreHeartbeat,
+    EngineCoreReadyInfo,
+    EngineCoreRequest,
+    InputKind,
+    OutputKind,
+    UtilityResult,
+)
 
 logger = logging.getLogger(__name__)
 
 
-class InputKind(bytes, Enum):
-    """First frame of a message to the engine core."""
-
-    ADD = b"A"  # payload: EngineCoreRequest
-    ABORT = b"X"  # payload: list[str] (request ids)
-    UTILITY = b"U"  # payload: (call_id, method, args)
-    SHUTDOWN = b"S"  # payload: empty
-
-
-class OutputKind(bytes, Enum):
-    """First frame of a message from the engine core."""
-
-    OUTPUTS = b"O"  # payload: EngineCoreOutputs
-    HEARTBEAT = b"H"  # payload: EngineCoreHeartbeat
-    UTILITY = b"U"  # payload: UtilityResult
-    ERROR = b"E"  # payload: str (fatal; the process exits after sending it)
-
-
-class EngineCoreHeartbeat(msgspec.Struct, array_like=True):
-    """Sent at a fixed interval so the front end knows the busy loop is turning."""
-
-    timestamp: float
-    scheduler_stats: SchedulerStats
-
-
-class UtilityResult(msgspec.Struct, array_like=True, omit_defaults=True):
-    """The answer to one utility call."""
-
-    call_id: int
-    result: Any = None
-    error: str | None = None
-
-
-class EngineCoreReadyInfo(msgspec.Struct, omit_defaults=True):
-    """Start-up facts the core reports once the model and KV cache are ready."""
-
-    pid: int
-    load_seconds: float
-    num_blocks: int
-    block_size: int
-    num_threads: int
-    isa: str
-    device: str
-
-
 # Methods the front end may call on the engine core by name (with msgpack-able args/results).
-_UTILITY_METHODS = ("ping", "get_stats", "reset_prefix_cache", "get_num_unfinished_requests")
+_UTILITY_METHODS = ("reset_prefix_cache",)
 
 
 class EngineCoreProc:
@@ -119,12 +80,13 @@ class EngineCoreProc:
     def ready_info(self) -> EngineCoreReadyInfo:
         from pagedserve import platform
 
-        cache = self.engine_core.engine_config.cache_config
+        kv_cache_config = self.engine_core.kv_cache_config
         return EngineCoreReadyInfo(
             pid=os.getpid(),
             load_seconds=self.engine_core.load_seconds,
-            num_blocks=cache.num_blocks,
-            block_size=cache.block_size,
+            num_blocks=kv_cache_config.num_blocks,
+            block_size=kv_cache_config.block_size,
+            kv_cache_memory_bytes=kv_cache_config.kv_cache_memory_bytes,
             num_threads=platform.num_threads(),
             isa=platform.cpu_isa(),
             device=str(platform.device()),
@@ -213,17 +175,8 @@ class EngineCoreProc:
         self.last_sent = time.monotonic()
 
     # -------------------------------------------------------------- utilities
-    def ping(self) -> str:
-        return "pong"
-
-    def get_stats(self) -> dict[str, Any]:
-        return msgspec.structs.asdict(self.engine_core.make_stats(0))
-
     def reset_prefix_cache(self) -> bool:
-        return bool(self.engine_core.scheduler.reset_prefix_cache())
-
-    def get_num_unfinished_requests(self) -> int:
-        return self.engine_core.scheduler.get_num_unfinished_requests()
+        return self.engine_core.reset_prefix_cache()
 
     def close(self) -> None:
         self.input_socket.close(linger=0)

@@ -1,49 +1,33 @@
-"""LLMEngine: the synchronous front end over an in-process EngineCore."""
+"""LLMEngine: the shared front end over an engine core in this process (offline use)."""
 
 from __future__ import annotations
 
 import logging
-import time
-from typing import Any
 
-from pagedserve.config import EngineConfig
+from pagedserve.config import EngineConfig, KVCacheConfig
 from pagedserve.engine.arg_utils import EngineArgs
-from pagedserve.engine.core import EngineCore
-from pagedserve.engine.input_processor import InputProcessor, PromptType
+from pagedserve.engine.core_client import InprocClient
+from pagedserve.engine.frontend import EngineFrontend
+from pagedserve.engine.input_processor import PromptType
 from pagedserve.engine.messages import SchedulerStats
-from pagedserve.engine.output_processor import OutputProcessor, ParentRequest
-from pagedserve.engine.tokenizer import load_tokenizer
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 
-class LLMEngine:
+class LLMEngine(EngineFrontend):
     """Input processing, the engine core and output processing, in one process."""
 
+    engine_core: InprocClient
+
     def __init__(self, engine_config: EngineConfig) -> None:
-        self.engine_config = engine_config
-        self.model_config = engine_config.model_config
-        self.tokenizer = load_tokenizer(self.model_config.tokenizer_path)
-        self.input_processor = InputProcessor(self.model_config, self.tokenizer)
-        self.output_processor = OutputProcessor(self.tokenizer)
-        self.engine_core = EngineCore(engine_config)
-        self.last_stats: SchedulerStats | None = None
+        super().__init__(engine_config)
+        self.engine_core = InprocClient(engine_config)
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> LLMEngine:
         return cls(engine_args.create_engine_config())
-
-    def validate_request(
-        self, prompt: PromptType, params: SamplingParams, request_id: str = "validate",
-        priority: int = 0,
-    ) -> tuple[ParentRequest, Any, list]:
-        """Tokenize and check one request without adding it (raises ValueError)."""
-        processed = self.input_processor.process_prompt(prompt)
-        parent = ParentRequest(request_id, params)
-        core_requests = self.input_processor.make_child_requests(parent, processed, priority)
-        return parent, processed, core_requests
 
     def add_request(
         self,
@@ -51,32 +35,27 @@ class LLMEngine:
         prompt: PromptType,
         params: SamplingParams,
         priority: int = 0,
+        cache_salt: str | None = None,
     ) -> None:
-        if request_id in self.output_processor.parents:
-            raise ValueError(f"Request id {request_id!r} is already running")
-        parent, processed, core_requests = self.validate_request(
-            prompt, params, request_id, priority
-        )
-        self.output_processor.add_children(parent, processed.prompt, core_requests)
-        for core_request in core_requests:
-            self.engine_core.add_request(core_request)
+        """Validate and add one request (raises ValueError; nothing is added then)."""
+        self.add_parent_request(request_id, prompt, params, priority, cache_salt)
 
     def abort_request(self, request_ids: list[str]) -> None:
-        child_ids = self.output_processor.abort_requests(request_ids)
-        self.engine_core.abort_requests(child_ids)
-
-    def has_unfinished_requests(self) -> bool:
-        return self.output_processor.has_unfinished_requests()
+        self.abort_parent_requests(request_ids)
 
     def step(self) -> list[RequestOutput]:
-        core_outputs = self.engine_core.step()
-        self.last_stats = core_outputs.scheduler_stats
-        outputs, to_abort = self.output_processor.process_outputs(
-            core_outputs.outputs, time.time()
-        )
-        if to_abort:
-            self.engine_core.abort_requests(to_abort)
-        return outputs
+        """Run one engine-core step; returns the outputs it produced."""
+        return self.process_core_outputs(self.engine_core.get_output())
 
-    def get_tokenizer(self) -> Any:
-        return self.tokenizer
+    @property
+    def kv_cache_config(self) -> KVCacheConfig:
+        """The KV cache the engine core sized after loading the model."""
+        return self.engine_core.kv_cache_config
+
+    def get_stats(self) -> SchedulerStats:
+        """The engine core's scheduler state now (running, waiting, KV-cache usage, ...)."""
+        return self.engine_core.get_stats()
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix block not in use; False if some are in use."""
+        return self.engine_core.reset_prefix_cache()

@@ -1,9 +1,14 @@
-"""Messages between the front end (LLM / API server) and the engine core.
+"""The wire protocol between the front end (LLM / API server) and the engine core.
 
-msgspec structs so the same messages travel in-process and over ZMQ.
+msgspec structs, so the same messages travel in-process and over ZMQ. Over ZMQ every
+message is two frames: a one-byte kind (``InputKind`` to the core, ``OutputKind``
+from it) and a msgpack payload.
 """
 
 from __future__ import annotations
+
+from enum import Enum
+from typing import Any
 
 import msgspec
 
@@ -60,3 +65,49 @@ class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
     outputs: list[EngineCoreOutput]
     scheduler_stats: SchedulerStats | None = None
     timestamp: float = 0.0
+
+
+class InputKind(bytes, Enum):
+    """First frame of a message to the engine core."""
+
+    ADD = b"A"  # payload: EngineCoreRequest
+    ABORT = b"X"  # payload: list[str] (request ids)
+    UTILITY = b"U"  # payload: (call_id, method, args)
+    SHUTDOWN = b"S"  # payload: empty
+
+
+class OutputKind(bytes, Enum):
+    """First frame of a message from the engine core."""
+
+    OUTPUTS = b"O"  # payload: EngineCoreOutputs
+    HEARTBEAT = b"H"  # payload: EngineCoreHeartbeat
+    UTILITY = b"U"  # payload: UtilityResult
+    ERROR = b"E"  # payload: str (fatal; the process exits after sending it)
+
+
+class EngineCoreHeartbeat(msgspec.Struct, array_like=True):
+    """Sent at a fixed interval so the front end knows the busy loop is turning."""
+
+    timestamp: float
+    scheduler_stats: SchedulerStats
+
+
+class UtilityResult(msgspec.Struct, array_like=True, omit_defaults=True):
+    """The answer to one utility call."""
+
+    call_id: int
+    result: Any = None
+    error: str | None = None
+
+
+class EngineCoreReadyInfo(msgspec.Struct, omit_defaults=True):
+    """Start-up facts the core reports once the model and KV cache are ready."""
+
+    pid: int
+    load_seconds: float
+    num_blocks: int  # KV cache blocks, the null block included (KVCacheConfig)
+    block_size: int
+    kv_cache_memory_bytes: int
+    num_threads: int
+    isa: str
+    device: str

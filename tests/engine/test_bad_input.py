@@ -44,7 +44,7 @@ def test_bad_requests_do_not_disturb_running_ones(gemma_llm):
     engine.step()
 
     max_len = engine.model_config.max_model_len
-    with pytest.raises(ValueError, match="maximum model length"):
+    with pytest.raises(ValueError, match="maximum context length"):
         gemma_llm.generate({"prompt_token_ids": [5] * max_len}, params, use_tqdm=False)
     with pytest.raises(ValueError, match="out of vocabulary"):
         gemma_llm.generate({"prompt_token_ids": [10**9]}, params, use_tqdm=False)
@@ -60,7 +60,7 @@ def test_bad_requests_do_not_disturb_running_ones(gemma_llm):
                 final = output
     assert final is not None
     assert final.outputs[0].token_ids == reference.outputs[0].token_ids
-    assert engine.engine_core.scheduler.kv_cache_usage == 0.0
+    assert engine.get_stats().kv_cache_usage == 0.0
 
 
 @pytest.mark.parametrize(

@@ -33,4 +33,4 @@ def test_llm_greedy_equals_transformers(arch, tiny_model_dir):
             )[0, ids.shape[1]:].tolist()
         assert output.outputs[0].token_ids == expected, (arch, output.prompt)
         assert output.outputs[0].finish_reason == "length"
-    assert llm.llm_engine.engine_core.scheduler.kv_cache_usage == 0.0
+    assert llm.llm_engine.get_stats().kv_cache_usage == 0.0

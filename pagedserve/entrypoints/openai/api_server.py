@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import functools
 import logging
-import os
 import secrets
 import signal
 import sys
@@ -28,6 +27,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import pagedserve
+from pagedserve import envs
+from pagedserve.engine.arg_utils import EngineArgs
 from pagedserve.engine.async_llm import AsyncLLM
 from pagedserve.engine.core_client import EngineDeadError
 from pagedserve.entrypoints.openai.errors import (
@@ -41,6 +42,7 @@ from pagedserve.entrypoints.openai.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from pagedserve.entrypoints.openai.server_config import ServerConfig
 from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedserve.entrypoints.openai.serving_common import ServerContext
 from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
@@ -48,11 +50,18 @@ from pagedserve.entrypoints.openai.serving_completion import OpenAIServingComple
 logger = logging.getLogger(__name__)
 
 # After the engine dies, keep answering (500s, /health 503) this long before exiting.
-DEAD_ENGINE_EXIT_DELAY_S = float(os.environ.get("PAGEDSERVE_DEAD_ENGINE_EXIT_DELAY", "2.0"))
+
+
+def _guarded(path: str) -> bool:
+    """Paths that need the API key: the OpenAI API and the admin endpoints."""
+    return path.startswith("/v1") or path == "/reset_prefix_cache"
 
 
 class APIKeyMiddleware:
-    """401 on /v1/* without ``Authorization: Bearer <key>`` (pure ASGI: streaming-safe)."""
+    """401 on /v1/* and admin endpoints without ``Authorization: Bearer <key>``.
+
+    Pure ASGI, so streaming responses pass through untouched.
+    """
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
@@ -62,7 +71,7 @@ class APIKeyMiddleware:
         if (
             scope["type"] == "http"
             and scope.get("method") != "OPTIONS"
-            and str(scope.get("path", "")).startswith("/v1")
+            and _guarded(str(scope.get("path", "")))
         ):
             headers = dict(scope.get("headers") or [])
             given = headers.get(b"authorization", b"")
@@ -113,23 +122,53 @@ def build_app(ctx: ServerContext) -> FastAPI:
         app.add_middleware(PrometheusMiddleware, http_metrics=observability.http_metrics)
     completion = OpenAIServingCompletion(ctx)
     chat = OpenAIServingChat(ctx)
+
+    @app.post("/v1/completions")
+    @_answer_errors
+    async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
+        return await completion.create_completion(request, raw_request)
+
+    @app.post("/v1/chat/completions")
+    @_answer_errors
+    async def create_chat_completion(
+        request: ChatCompletionRequest, raw_request: Request
+    ) -> Response:
+        return await chat.create_chat_completion(request, raw_request)
+
+    _add_engine_routes(app, ctx)
+    _add_tokenizer_routes(app, ctx, completion, chat)
+    return app
+
+
+def _add_engine_routes(app: FastAPI, ctx: ServerContext) -> None:
+    """/health, /reset_prefix_cache, /metrics, /version, /v1/models."""
     engine = ctx.engine
+    observability = ctx.observability
 
     @app.get("/health")
     async def health() -> Response:
-        client = engine.engine_core
-        stats = engine.scheduler_stats
-        alive = engine.is_alive()
-        dead = engine.errored or not client.process.is_alive()
+        health = engine.health()
+        stats = health.scheduler_stats
         body: dict[str, Any] = {
-            "status": "ok" if alive else ("dead" if dead else "stalled"),
-            "engine_pid": client.engine_pid,
-            "seconds_since_heartbeat": round(client.seconds_since_heartbeat(), 3),
+            "status": health.status,
+            "engine_pid": health.engine_pid,
+            "seconds_since_heartbeat": round(health.seconds_since_heartbeat, 3),
             "num_requests_running": stats.num_running_reqs if stats else 0,
             "num_requests_waiting": stats.num_waiting_reqs if stats else 0,
             "kv_cache_usage": stats.kv_cache_usage if stats else 0.0,
         }
-        return JSONResponse(body, status_code=200 if alive else 503)
+        return JSONResponse(body, status_code=200 if health.healthy else 503)
+
+    @app.post("/reset_prefix_cache")
+    @_answer_errors
+    async def reset_prefix_cache() -> Response:
+        """Drop cached prefix blocks (as vLLM's endpoint); 409 while blocks are in use."""
+        if await engine.reset_prefix_cache():
+            return Response(status_code=200)
+        raise OpenAIError(
+            "Cannot reset the prefix cache while requests hold cached blocks; retry when idle.",
+            HTTPStatus.CONFLICT,
+        )
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -164,17 +203,13 @@ def build_app(ctx: ServerContext) -> FastAPI:
             ],
         }
 
-    @app.post("/v1/completions")
-    @_answer_errors
-    async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
-        return await completion.create_completion(request, raw_request)
 
-    @app.post("/v1/chat/completions")
-    @_answer_errors
-    async def create_chat_completion(
-        request: ChatCompletionRequest, raw_request: Request
-    ) -> Response:
-        return await chat.create_chat_completion(request, raw_request)
+def _add_tokenizer_routes(
+    app: FastAPI, ctx: ServerContext, completion: OpenAIServingCompletion,
+    chat: OpenAIServingChat,
+) -> None:
+    """/tokenize (a prompt, or chat messages rendered with the template) and /detokenize."""
+    engine = ctx.engine
 
     @app.post("/tokenize")
     @_answer_errors
@@ -210,21 +245,13 @@ def build_app(ctx: ServerContext) -> FastAPI:
     @_answer_errors
     async def detokenize(request: DetokenizeRequest) -> Any:
         completion.check_model(request.model)
-        completion.check_ids(request.tokens)
+        engine.input_processor.check_token_ids(request.tokens, "tokens")
         return {"prompt": ctx.tokenizer.decode(request.tokens)}
-
-    return app
 
 
 # --------------------------------------------------------------------------- running
-def _load_chat_template(value: str | None) -> str | None:
-    if value is not None and os.path.isfile(value):
-        with open(value) as f:
-            return f.read()
-    return value
-
-
-def _engine_args(args: argparse.Namespace) -> Any:
+def _engine_args(args: argparse.Namespace) -> EngineArgs:
+    """EngineArgs of the serve flags (the positional model and --model must agree)."""
     from pagedserve.entrypoints.engine_flags import engine_args_from_flags
 
     if args.model_tag is not None and args.model is not None and args.model_tag != args.model:
@@ -233,33 +260,34 @@ def _engine_args(args: argparse.Namespace) -> Any:
         )
     if args.model_tag is not None:
         args.model = args.model_tag
-    if args.max_num_queued_requests < 0:
-        raise ValueError("--max-num-queued-requests must be >= 0 (0: unbounded)")
-    engine_args = engine_args_from_flags(args)
-    engine_args.max_num_queued_requests = args.max_num_queued_requests
-    engine_args.chat_template = _load_chat_template(args.chat_template)
-    if args.served_model_name:
-        engine_args.served_model_name = args.served_model_name[0]
-    return engine_args
+    return engine_args_from_flags(args)
 
 
-def _resolve_chat_template(engine: AsyncLLM) -> tuple[str | None, str | None]:
+def _resolve_chat_template(
+    engine: AsyncLLM, server_config: ServerConfig
+) -> tuple[str | None, str | None]:
+    """(template, None), or (None, why) when chat completions cannot be served.
+
+    --chat-template wins; else the model's own template (its tokenizer folder), else the
+    built-in template of the model family.
+    """
+    from pagedserve.transformers_utils.chat_templates import resolve_model_chat_template
+
+    model_config = engine.model_config
     try:
-        from pagedserve.engine.chat_utils import resolve_chat_template
-
-        model_config = engine.model_config
-        template = resolve_chat_template(
+        template = resolve_model_chat_template(
             engine.get_tokenizer(),
+            model_config.tokenizer_path,
             getattr(model_config.hf_config, "model_type", ""),
-            model_config.chat_template,
+            server_config.chat_template,
         )
         return template, None
-    except (ValueError, ImportError) as exc:
+    except ValueError as exc:
         logger.warning("chat completions are unavailable: %s", exc)
         return None, str(exc)
 
 
-def _banner(engine: AsyncLLM, args: argparse.Namespace, served_names: list[str]) -> str:
+def _banner(engine: AsyncLLM, server_config: ServerConfig) -> str:
     import torch
 
     from pagedserve.entrypoints.engine_flags import describe_engine
@@ -269,12 +297,13 @@ def _banner(engine: AsyncLLM, args: argparse.Namespace, served_names: list[str])
     api_threads = torch.get_num_threads()
     torch.set_num_threads(info.num_threads)
     try:
-        text = describe_engine(engine.engine_config, info.load_seconds)
+        text = describe_engine(engine.engine_config, info, info.load_seconds)
     finally:
         torch.set_num_threads(api_threads)
     return (
-        f"pagedserve {pagedserve.__version__}: serving {', '.join(served_names)} on "
-        f"http://{args.host}:{args.port} (OpenAI API under /v1; docs at /docs)\n"
+        f"pagedserve {pagedserve.__version__}: serving "
+        f"{', '.join(server_config.served_model_names)} on "
+        f"http://{server_config.host}:{server_config.port} (OpenAI API under /v1; docs at /docs)\n"
         f"{text}\nengine core: pid {info.pid}"
     )
 
@@ -285,13 +314,14 @@ async def _serve(server: uvicorn.Server, ctx: ServerContext, state: dict[str, An
 
     def on_engine_dead(error: EngineDeadError) -> None:
         state["engine_dead"] = error
-        logger.error("the engine core died; shutting the server down in %.1f s",
-                     DEAD_ENGINE_EXIT_DELAY_S)
+        # After the engine dies, keep answering (500s, /health 503) this long before exiting.
+        delay = envs.PAGEDSERVE_DEAD_ENGINE_EXIT_DELAY
+        logger.error("the engine core died; shutting the server down in %.1f s", delay)
 
         def stop() -> None:
             server.should_exit = True
 
-        loop.call_later(DEAD_ENGINE_EXIT_DELAY_S, stop)
+        loop.call_later(delay, stop)
 
     engine.on_engine_dead = on_engine_dead
     engine.start()
@@ -303,18 +333,19 @@ async def _serve(server: uvicorn.Server, ctx: ServerContext, state: dict[str, An
             ctx.observability.shutdown()  # flushes pending spans
 
 
-def _make_observability(args: argparse.Namespace, engine_config: Any) -> Any:
-    """Metrics, stats log line and tracing from the serve flags."""
-    from pagedserve.metrics.observability import (
-        EngineObservability,
-        observability_config_from_args,
-    )
+def _make_observability(
+    args: argparse.Namespace, engine_config: Any, server_config: ServerConfig
+) -> Any:
+    """Metrics, stats log line and tracing from the serve flags, labelled with the served
+    model name."""
+    from pagedserve.entrypoints.observability_args import observability_config_from_args
+    from pagedserve.metrics.observability import EngineObservability
 
     config = observability_config_from_args(args)
     if config.log_stats:
         # The periodic stats line is INFO (as vLLM's); show it at the default log level.
         logging.getLogger("pagedserve.metrics.loggers").setLevel(logging.INFO)
-    return EngineObservability(engine_config, config)
+    return EngineObservability(engine_config, config, model_name=server_config.model_name)
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -322,34 +353,32 @@ def run_server(args: argparse.Namespace) -> int:
     import torch
 
     engine_args = _engine_args(args)
-    api_key = args.api_key or os.environ.get("PAGEDSERVE_API_KEY") or None
+    server_config = ServerConfig.from_args(args, model=engine_args.model)
     start = time.perf_counter()
     engine_config = engine_args.create_engine_config()
-    observability = _make_observability(args, engine_config)
+    observability = _make_observability(args, engine_config, server_config)
     engine = AsyncLLM(engine_config, observability=observability)
     # The engine core owns the cores; this process does light Python work.
     torch.set_num_threads(1)
     try:
-        served_names = list(args.served_model_name or [engine.model_config.served_model_name])
-        template, template_error = _resolve_chat_template(engine)
+        template, template_error = _resolve_chat_template(engine, server_config)
         ctx = ServerContext(
             engine=engine,
-            served_model_names=served_names,
+            server_config=server_config,
             chat_template=template,
             chat_template_error=template_error,
-            api_key=api_key,
             observability=observability,
         )
         app = build_app(ctx)
-        print(_banner(engine, args, served_names), file=sys.stderr)
+        print(_banner(engine, server_config), file=sys.stderr)
         print(f"ready in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         config = uvicorn.Config(
             app,
-            host=args.host,
-            port=args.port,
-            log_level=args.uvicorn_log_level,
-            access_log=not args.disable_uvicorn_access_log,
-            timeout_graceful_shutdown=max(1, int(args.shutdown_timeout)),
+            host=server_config.host,
+            port=server_config.port,
+            log_level=server_config.uvicorn_log_level,
+            access_log=not server_config.disable_uvicorn_access_log,
+            timeout_graceful_shutdown=max(1, int(server_config.shutdown_timeout)),
             timeout_keep_alive=5,
         )
         server = uvicorn.Server(config)

@@ -18,8 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pagedserve.engine.async_llm import QueueFullError
 from pagedserve.engine.core_client import EngineDeadError
+from pagedserve.engine.input_processor import InvalidRequestError, QueueFullError
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ _ERROR_TYPES = {
     401: "AuthenticationError",
     404: "NotFoundError",
     405: "MethodNotAllowedError",
+    409: "ConflictError",
     413: "RequestTooLargeError",
     429: "RateLimitError",
     500: "InternalServerError",
@@ -86,7 +87,10 @@ def to_openai_error(exc: BaseException) -> OpenAIError:
             f"The engine is dead and cannot serve requests: {exc}",
             HTTPStatus.INTERNAL_SERVER_ERROR,
         )
+    if isinstance(exc, InvalidRequestError):
+        return OpenAIError(str(exc), HTTPStatus.BAD_REQUEST, param=exc.param)
     if isinstance(exc, ValueError | TypeError | OverflowError):
+        # Parameter-range errors (SamplingParams, the request body) say the name first.
         message = str(exc)
         return OpenAIError(message, HTTPStatus.BAD_REQUEST, param=guess_param(message))
     logger.error("internal error", exc_info=exc)

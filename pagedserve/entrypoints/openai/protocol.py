@@ -100,10 +100,6 @@ class _SamplingFields(OpenAIBaseModel):
     ) -> SamplingParams:
         """Build validated SamplingParams (raises ValueError naming the bad field)."""
         self.check_stream_options()
-        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
-            raise ValueError(
-                f"truncate_prompt_tokens must be >= 1, got {self.truncate_prompt_tokens}."
-            )
         return SamplingParams(
             n=self.n,
             presence_penalty=self.presence_penalty or 0.0,
@@ -183,10 +179,6 @@ class ChatCompletionRequest(_SamplingFields):
         return self.max_tokens
 
     def to_sampling_params(self, max_tokens: int | None) -> SamplingParams:
-        if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError(
-                "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
-            )
         if self.top_logprobs is not None and self.top_logprobs < 0:
             raise ValueError(f"top_logprobs must be >= 0, got {self.top_logprobs}.")
         if self.top_logprobs and not self.logprobs:

@@ -10,11 +10,11 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from pagedserve.engine.input_processor import ProcessedPrompt, check_chat_options
 from pagedserve.entrypoints.openai.errors import OpenAIError, to_openai_error
 from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
 from pagedserve.entrypoints.openai.serving_common import (
     SSE_DONE,
-    EnginePrompt,
     ServingBase,
     SSEResponse,
     clamp_logprob,
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Validated copies of OpenAI messages, content as one string (ValueError -> 400)."""
-    from pagedserve.engine.chat_utils import validate_conversation
+    from pagedserve.transformers_utils.chat_templates import validate_conversation
 
     return validate_conversation(messages)
 
@@ -50,10 +50,14 @@ class OpenAIServingChat(ServingBase):
         chat_template_kwargs: dict[str, Any] | None,
         tools: list[dict[str, Any]] | None,
         add_special_tokens: bool | None,
-    ) -> EnginePrompt:
+    ) -> ProcessedPrompt:
         """Render messages with the chat template and tokenize them."""
-        from pagedserve.engine.chat_utils import apply_chat_template, resolve_chat_template
+        from pagedserve.transformers_utils.chat_templates import (
+            apply_chat_template,
+            resolve_chat_template,
+        )
 
+        check_chat_options(add_generation_prompt, continue_final_message)
         conversation = normalize_messages(messages)
         tokenizer = self.ctx.tokenizer
         if chat_template is not None:
@@ -80,19 +84,13 @@ class OpenAIServingChat(ServingBase):
             # The template usually writes the BOS token itself; never add a second one.
             bos = getattr(tokenizer, "bos_token", None)
             add_special_tokens = not (bos and text.startswith(bos))
-        return EnginePrompt(text, self.tokenize(text, add_special_tokens))
+        return ProcessedPrompt(text, self.tokenize(text, add_special_tokens))
 
     async def create_chat_completion(
         self, request: ChatCompletionRequest, raw_request: Request
     ) -> Response:
         self.log_unknown_fields(request)
         model_name = self.check_model(request.model)
-        self.check_priority(request.priority)
-        if request.continue_final_message and request.add_generation_prompt:
-            raise OpenAIError(
-                "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
-                param="continue_final_message",
-            )
         add_special = (
             request.add_special_tokens if "add_special_tokens" in request.model_fields_set else None
         )
@@ -105,16 +103,13 @@ class OpenAIServingChat(ServingBase):
             request.tools,
             add_special,
         )
-        prompt, max_tokens = self.fit_prompt(
-            prompt, request.truncate_prompt_tokens, request.requested_max_tokens
-        )
-        params = request.to_sampling_params(max_tokens)
+        params = request.to_sampling_params(request.requested_max_tokens)
         request_id = self.request_id(raw_request, request.request_id)
         trace_contexts = self.trace_contexts(
             raw_request, model_name, lambda: [list(request.messages)]
         )
         collectors = self.add_requests(
-            request_id, [prompt], [params], request.priority, trace_contexts
+            request_id, [prompt], [params], request.priority, request.cache_salt, trace_contexts
         )
         created = int(time.time())
         role = "assistant" if request.add_generation_prompt else request.messages[-1]["role"]

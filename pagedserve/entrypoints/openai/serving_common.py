@@ -1,5 +1,8 @@
-"""What completions and chat completions share: model check, prompt limits, request
-ids, usage, SSE framing, and iterating engine outputs with abort on disconnect."""
+"""What completions and chat completions share: model check, request ids, usage, SSE
+framing, and iterating engine outputs with abort on disconnect.
+
+Prompt and parameter validation is not here: the engine's input processor does it
+(``pagedserve.engine.input_processor``) for the API and the offline LLM alike."""
 
 from __future__ import annotations
 
@@ -19,8 +22,10 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from pagedserve.engine.async_llm import AsyncLLM, RequestOutputCollector
-from pagedserve.entrypoints.openai.errors import OpenAIError, to_openai_error
+from pagedserve.engine.input_processor import ProcessedPrompt
+from pagedserve.entrypoints.openai.errors import OpenAIError
 from pagedserve.entrypoints.openai.protocol import OpenAIBaseModel
+from pagedserve.entrypoints.openai.server_config import ServerConfig
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
@@ -49,16 +54,24 @@ def clamp_logprob(value: float) -> float:
 
 @dataclass
 class ServerContext:
-    """Everything request handlers need: the engine and the server's settings."""
+    """Everything request handlers need: the engine, the server's settings, the chat template."""
 
     engine: AsyncLLM
-    served_model_names: list[str]
+    server_config: ServerConfig
+    # The chat template in use (--chat-template, else the model's own), or why there is none.
     chat_template: str | None = None
     chat_template_error: str | None = None
-    api_key: str | None = None
     started: float = field(default_factory=time.time)
     # Metrics, tracing and timings (pagedserve.metrics.observability.EngineObservability).
     observability: Any = None
+
+    @property
+    def served_model_names(self) -> tuple[str, ...]:
+        return self.server_config.served_model_names
+
+    @property
+    def api_key(self) -> str | None:
+        return self.server_config.api_key
 
     @property
     def model_config(self) -> Any:
@@ -75,14 +88,6 @@ class ServerContext:
     @property
     def model_name(self) -> str:
         return self.served_model_names[0]
-
-
-@dataclass
-class EnginePrompt:
-    """One prompt, tokenized and checked against the context length."""
-
-    prompt: str | None
-    prompt_token_ids: list[int]
 
 
 class ServingBase:
@@ -110,61 +115,18 @@ class ServingBase:
                 "The engine is dead and cannot serve requests.", HTTPStatus.INTERNAL_SERVER_ERROR
             )
 
-    def check_priority(self, priority: int) -> None:
-        policy = self.ctx.engine.engine_config.scheduler_config.policy
-        if priority != 0 and policy != "priority":
-            raise OpenAIError(
-                f"Got priority {priority} but priority scheduling is not enabled "
-                "(start the server with --scheduling-policy priority).",
-                param="priority",
-            )
-
     def request_id(self, raw_request: Request, requested: str | None) -> str:
         base = requested or raw_request.headers.get("X-Request-Id") or uuid.uuid4().hex
         return f"{self.request_id_prefix}-{base}"
 
-    def check_ids(self, token_ids: list[int]) -> list[int]:
-        vocab_size = self.ctx.model_config.vocab_size
-        for token_id in token_ids:
-            if not isinstance(token_id, int) or not 0 <= token_id < vocab_size:
-                raise OpenAIError(
-                    f"Token id {token_id} is out of vocabulary (valid ids are 0..{vocab_size - 1})",
-                    param="prompt",
-                )
-        return list(token_ids)
-
     def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
-        return list(self.ctx.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+        return self.engine.input_processor.tokenize(text, add_special_tokens)
 
-    def fit_prompt(
-        self, prompt: EnginePrompt, truncate: int | None, max_tokens: int | None
-    ) -> tuple[EnginePrompt, int]:
-        """Truncate as asked, check the context length; returns the prompt and max_tokens."""
-        ids = prompt.prompt_token_ids
-        if truncate is not None and len(ids) > truncate:
-            ids = ids[-truncate:]
-            prompt = EnginePrompt(None, ids)
-        num_input = len(ids)
-        max_len = self.ctx.max_model_len
-        if num_input == 0:
-            raise OpenAIError("The prompt cannot be empty.", param="prompt")
-        if num_input >= max_len:
-            raise OpenAIError(
-                f"This model's maximum context length is {max_len} tokens. However, your "
-                f"request has {num_input} input tokens. Please reduce the length of the "
-                "input messages.",
-                param="input_tokens",
-            )
-        if max_tokens is None:
-            return prompt, max_len - num_input
-        if max_tokens > max_len - num_input:
-            raise OpenAIError(
-                f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This "
-                f"model's maximum context length is {max_len} tokens and your request has "
-                f"{num_input} input tokens ({max_tokens} > {max_len} - {num_input}).",
-                param="max_tokens",
-            )
-        return prompt, max_tokens
+    def prompt_text(self, output: RequestOutput) -> str:
+        """The prompt as text (decoded when it came as token ids, or was truncated)."""
+        if output.prompt is not None:
+            return output.prompt
+        return self.ctx.tokenizer.decode(output.prompt_token_ids)
 
     def log_unknown_fields(self, request: OpenAIBaseModel) -> None:
         extra = request.model_extra
@@ -175,22 +137,22 @@ class ServingBase:
     def add_requests(
         self,
         request_id: str,
-        prompts: list[EnginePrompt],
+        prompts: list[ProcessedPrompt],
         params_list: list[SamplingParams],
         priority: int,
+        cache_salt: str | None = None,
         trace_contexts: list[Any] | None = None,
     ) -> list[tuple[str, RequestOutputCollector]]:
-        """Add one engine request per prompt; all or nothing."""
+        """Add one engine request per prompt; all or nothing (the engine validates each)."""
         self.check_engine()
         self.engine.check_capacity(sum(p.n for p in params_list))
         added: list[tuple[str, RequestOutputCollector]] = []
         try:
             for index, (prompt, params) in enumerate(zip(prompts, params_list, strict=True)):
                 rid = request_id if len(prompts) == 1 else f"{request_id}-{index}"
-                engine_prompt = {"prompt": prompt.prompt, "prompt_token_ids": prompt.prompt_token_ids}
                 trace_context = trace_contexts[index] if trace_contexts else None
                 added.append((rid, self.engine.add_request(
-                    rid, engine_prompt, params, priority, trace_context=trace_context)))
+                    rid, prompt, params, priority, cache_salt, trace_context)))
         except BaseException:
             self.engine.abort([rid for rid, _ in added])
             raise
@@ -324,12 +286,6 @@ class SSEResponse(StreamingResponse):
             if aclose is not None:
                 with anyio.CancelScope(shield=True):
                     await aclose()
-
-
-async def error_event_stream(exc: BaseException) -> AsyncIterator[str]:
-    """An error after streaming began: one error event, then [DONE]."""
-    yield sse(to_openai_error(exc).body())
-    yield SSE_DONE
 
 
 def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:

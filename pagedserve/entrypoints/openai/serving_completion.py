@@ -10,11 +10,11 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from pagedserve.entrypoints.openai.errors import OpenAIError, to_openai_error
+from pagedserve.engine.input_processor import InvalidRequestError, ProcessedPrompt
+from pagedserve.entrypoints.openai.errors import to_openai_error
 from pagedserve.entrypoints.openai.protocol import CompletionRequest
 from pagedserve.entrypoints.openai.serving_common import (
     SSE_DONE,
-    EnginePrompt,
     ServingBase,
     SSEResponse,
     clamp_logprob,
@@ -78,7 +78,7 @@ class OpenAIServingCompletion(ServingBase):
 
     request_id_prefix = "cmpl"
 
-    def _prompts(self, request: CompletionRequest) -> list[EnginePrompt]:
+    def _prompts(self, request: CompletionRequest) -> list[ProcessedPrompt]:
         prompt = request.prompt
         if isinstance(prompt, str):
             items: list[Any] = [prompt]
@@ -87,45 +87,44 @@ class OpenAIServingCompletion(ServingBase):
         else:
             items = list(prompt)
         if not items:
-            raise OpenAIError("The prompt cannot be empty.", param="prompt")
-        prompts = []
-        for item in items:
-            if isinstance(item, str):
-                prompts.append(EnginePrompt(item, self.tokenize(item, request.add_special_tokens)))
-            else:
-                prompts.append(EnginePrompt(None, self.check_ids(item)))
-        return prompts
+            raise InvalidRequestError("The prompt cannot be empty.", param="prompt")
+        input_processor = self.engine.input_processor
+        return [
+            input_processor.process_prompt(item, request.add_special_tokens) for item in items
+        ]
 
     async def create_completion(
         self, request: CompletionRequest, raw_request: Request
     ) -> Response:
         self.log_unknown_fields(request)
         model_name = self.check_model(request.model)
-        self.check_priority(request.priority)
         prompts = self._prompts(request)
-        fitted = [
-            self.fit_prompt(p, request.truncate_prompt_tokens, request.max_tokens) for p in prompts
-        ]
-        prompts = [p for p, _ in fitted]
-        params_list = [request.to_sampling_params(max_tokens) for _, max_tokens in fitted]
+        params = request.to_sampling_params(request.max_tokens)
         request_id = self.request_id(raw_request, request.request_id)
         trace_contexts = self.trace_contexts(
-            raw_request, model_name, lambda: [self._prompt_text(p) for p in prompts]
+            raw_request, model_name, lambda: [self._text(p) for p in prompts]
         )
         collectors = self.add_requests(
-            request_id, prompts, params_list, request.priority, trace_contexts
+            request_id, prompts, [params] * len(prompts), request.priority, request.cache_salt,
+            trace_contexts,
         )
         created = int(time.time())
         if request.stream:
             return SSEResponse(
-                self._stream(request, request_id, model_name, created, prompts, collectors)
+                self._stream(request, request_id, model_name, created, len(prompts), collectors)
             )
         result = await run_until_disconnected(
-            self._full(request, request_id, model_name, created, prompts, collectors), raw_request
+            self._full(request, request_id, model_name, created, len(prompts), collectors),
+            raw_request,
         )
         if result is None:
             return Response(status_code=499)
         return JSONResponse(result)
+
+    def _text(self, prompt: ProcessedPrompt) -> str:
+        if prompt.prompt is not None:
+            return prompt.prompt
+        return self.ctx.tokenizer.decode(prompt.prompt_token_ids)
 
     # ---------------------------------------------------------------- full
     async def _full(
@@ -134,7 +133,7 @@ class OpenAIServingCompletion(ServingBase):
         request_id: str,
         model_name: str,
         created: int,
-        prompts: list[EnginePrompt],
+        num_prompts: int,
         collectors: list,
     ) -> dict[str, Any]:
         finals: dict[int, RequestOutput] = {}
@@ -143,7 +142,7 @@ class OpenAIServingCompletion(ServingBase):
                 finals[index] = output
         choices: list[dict[str, Any]] = []
         prompt_tokens = completion_tokens = cached_tokens = 0
-        for index in range(len(prompts)):
+        for index in range(num_prompts):
             output = finals[index]
             failure = engine_failure(output)
             if failure is not None:
@@ -152,9 +151,7 @@ class OpenAIServingCompletion(ServingBase):
             cached_tokens += output.num_cached_tokens
             for completion in output.outputs:
                 completion_tokens += len(completion.token_ids)
-                choices.append(
-                    self._choice(request, prompts[index], output, completion, index)
-                )
+                choices.append(self._choice(request, output, completion, index))
         response = {
             "id": request_id,
             "object": "text_completion",
@@ -165,20 +162,14 @@ class OpenAIServingCompletion(ServingBase):
         }
         if self.wants_timings(request):
             response["timings"] = self.timings(
-                [finals[i] for i in range(len(prompts))], prompt_tokens, cached_tokens,
+                [finals[i] for i in range(num_prompts)], prompt_tokens, cached_tokens,
                 completion_tokens,
             )
         return response
 
-    def _prompt_text(self, prompt: EnginePrompt) -> str:
-        if prompt.prompt is not None:
-            return prompt.prompt
-        return self.ctx.tokenizer.decode(prompt.prompt_token_ids)
-
     def _choice(
         self,
         request: CompletionRequest,
-        prompt: EnginePrompt,
         output: RequestOutput,
         completion: CompletionOutput,
         prompt_index: int,
@@ -186,13 +177,13 @@ class OpenAIServingCompletion(ServingBase):
         text = completion.text
         logprobs = None
         if request.echo:
-            text = self._prompt_text(prompt) + text
+            text = self.prompt_text(output) + text
         if request.logprobs is not None:
             builder = CompletionLogprobs(request.logprobs, self.ctx.tokenizer)
             token_ids = list(completion.token_ids)
             steps: list[dict[int, Logprob] | None] = list(completion.logprobs or [])
             if request.echo:
-                prompt_steps = list(output.prompt_logprobs or [None] * len(prompt.prompt_token_ids))
+                prompt_steps = list(output.prompt_logprobs or [None] * len(output.prompt_token_ids))
                 token_ids = list(output.prompt_token_ids) + token_ids
                 steps = prompt_steps + steps
             logprobs = builder.build(token_ids, steps)
@@ -216,20 +207,20 @@ class OpenAIServingCompletion(ServingBase):
         request_id: str,
         model_name: str,
         created: int,
-        prompts: list[EnginePrompt],
+        num_prompts: int,
         collectors: list,
     ) -> AsyncIterator[str]:
         n = request.n
-        num_choices = n * len(prompts)
+        num_choices = n * num_prompts
         builders = (
             [CompletionLogprobs(request.logprobs, self.ctx.tokenizer) for _ in range(num_choices)]
             if request.logprobs is not None
             else None
         )
         first_chunk = [True] * num_choices
-        prompt_tokens = [len(p.prompt_token_ids) for p in prompts]
+        prompt_tokens = [0] * num_prompts
         completion_tokens = [0] * num_choices
-        cached_tokens = [0] * len(prompts)
+        cached_tokens = [0] * num_prompts
         finals: list[RequestOutput] = []
 
         def usage() -> dict[str, Any]:
@@ -241,6 +232,7 @@ class OpenAIServingCompletion(ServingBase):
                 if failure is not None:
                     raise failure
                 cached_tokens[prompt_index] = output.num_cached_tokens
+                prompt_tokens[prompt_index] = len(output.prompt_token_ids)
                 if output.finished:
                     finals.append(output)
                 for completion in output.outputs:
@@ -249,7 +241,7 @@ class OpenAIServingCompletion(ServingBase):
                     text = completion.text
                     first = first_chunk[choice_index]
                     if first and request.echo:
-                        text = self._prompt_text(prompts[prompt_index]) + text
+                        text = self.prompt_text(output) + text
                     if not text and not completion.token_ids and completion.finish_reason is None:
                         continue
                     logprobs = None
