@@ -35,3 +35,11 @@ def default_resolved_model():
     from pagedserve.transformers_utils.resolve import resolve_model
 
     return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer(default_resolved_model):  # noqa: ANN001, ANN201
+    """The default model's tokenizer (converted from the bundled GGUF, cached on disk)."""
+    from pagedserve.transformers_utils.tokenizer import load_tokenizer
+
+    return load_tokenizer(default_resolved_model.tokenizer_path)

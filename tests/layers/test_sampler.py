@@ -51,9 +51,9 @@ def make_metadata(
             generator = (generators or {}).get(i)
             if generator is None:
                 generator = torch.Generator(DEVICE).manual_seed(request.sampling_params.seed)
-        rows.set_row(int(row), request, generator)
+        rows.set_row(int(row), request.sampling_params, request.prompt_token_ids, generator)
     default = torch.Generator(DEVICE).manual_seed(seed)
-    return rows.build(row_ids, requests, default)
+    return rows.build(row_ids, [r.output_token_ids for r in requests], default)
 
 
 def sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
