@@ -22,12 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the attributes module __getattr__ provides, for type checkers
     PAGEDSERVE_API_KEY: str | None
+    PAGEDSERVE_ATTENTION_BACKEND: str
     PAGEDSERVE_CACHE_DIR: str
     PAGEDSERVE_DEAD_ENGINE_EXIT_DELAY: float
     PAGEDSERVE_DEVICE: str | None
     PAGEDSERVE_ENGINE_HEARTBEAT_INTERVAL: float
     PAGEDSERVE_ENGINE_HEARTBEAT_TIMEOUT: float
     PAGEDSERVE_ENGINE_READY_TIMEOUT: float
+    PAGEDSERVE_INT8_KERNELS: str | None
     PAGEDSERVE_LOG_STATS_INTERVAL: float | None
     PAGEDSERVE_NUM_THREADS: int | None
 
@@ -72,6 +74,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _attention_backend(text: str) -> str:
+    value = text.lower()
+    if value not in ("auto", "cpu", "torch"):
+        raise ValueError(f"must be auto, cpu or torch, got {text!r}")
+    return value
+
+
 def _cache_dir(text: str) -> str:
     return os.path.expanduser(text)
 
@@ -84,6 +93,10 @@ ENV_VARS: dict[str, EnvVar] = {
     for var in (
         EnvVar("PAGEDSERVE_API_KEY", None, str,
                "API key the server requires on /v1/* when --api-key is not given."),
+        EnvVar("PAGEDSERVE_ATTENTION_BACKEND", "auto", _attention_backend,
+               "Attention backend: auto (cpu on CPU when its kernel builds, else torch), "
+               "cpu (reads the paged KV cache in place; C++ kernel built at first use) or "
+               "torch (gathers each group's context, any device)."),
         EnvVar("PAGEDSERVE_CACHE_DIR", _default_cache_dir, _cache_dir,
                "Cache folder (GGUF conversions, dequantized weights); default "
                "~/.cache/pagedserve."),
@@ -99,6 +112,10 @@ ENV_VARS: dict[str, EnvVar] = {
                "Seconds without a heartbeat after which /health reports the engine stalled."),
         EnvVar("PAGEDSERVE_ENGINE_READY_TIMEOUT", 1800.0, _positive_float,
                "Seconds the API process waits for the engine core to load the model."),
+        EnvVar("PAGEDSERVE_INT8_KERNELS", None, str,
+               "With --quantization int8: the kernel per layer kind and row count instead of "
+               "the start-up measurement, as the banner prints it, e.g. "
+               "'linear=int8_wo:8,dense;lm_head=w8a8' (kernels: dense, int8_wo, w8a8)."),
         EnvVar("PAGEDSERVE_LOG_STATS_INTERVAL", None, _positive_float,
                "Seconds between periodic stats log lines while the engine is busy; default "
                "pagedserve.metrics.loggers.DEFAULT_LOG_INTERVAL_S (5)."),

@@ -3,7 +3,6 @@ chunked prefill, mixed batches, blocks shared within a step, padded token rows).
 
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
@@ -14,32 +13,8 @@ from pagedserve.attention.backend import get_attn_backend
 from pagedserve.attention.torch_backend import TorchAttentionBackend, build_metadata
 from pagedserve.forward_context import ForwardContext, set_forward_context
 from pagedserve.layers.attention import Attention
+from tests.attention.paged_cases import Case, run_case
 from tests.utils.paged import make_common_metadata, make_kv_caches
-
-
-def reference_attention(
-    query: torch.Tensor,  # [Tq, H, D]
-    keys: torch.Tensor,  # [S, Hkv, D] the whole context
-    values: torch.Tensor,
-    first_pos: int,
-    window: int | None,
-    scale: float,
-    softcap: float | None,
-) -> torch.Tensor:
-    num_q, num_heads, _ = query.shape
-    group = num_heads // keys.shape[1]
-    k = keys.double().repeat_interleave(group, dim=1).transpose(0, 1)  # [H, S, D]
-    v = values.double().repeat_interleave(group, dim=1).transpose(0, 1)
-    scores = torch.matmul(query.double().transpose(0, 1), k.transpose(1, 2)) * scale  # [H, Tq, S]
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    q_pos = torch.arange(first_pos, first_pos + num_q)[:, None]
-    k_pos = torch.arange(keys.shape[0])[None, :]
-    allowed = k_pos <= q_pos
-    if window is not None:
-        allowed &= (q_pos - k_pos) < window
-    scores = scores.masked_fill(~allowed, -math.inf)
-    return torch.matmul(torch.softmax(scores, dim=-1), v).transpose(0, 1)  # [Tq, H, D]
 
 
 def _run_case(
@@ -54,70 +29,11 @@ def _run_case(
     share_prefix: bool = False,
     num_padding_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    rng = random.Random(seed)
-    head_dim = 8
-    scale = head_dim**-0.5 * 1.7
-    num_blocks = 1 + sum(-(-(c + q) // block_size) for c, q in requests) + 4
-    free = list(range(1, num_blocks))
-    rng.shuffle(free)
-    (kv_cache,) = make_kv_caches(1, num_blocks, block_size, num_kv_heads, head_dim, dtype)
-
-    keys, values, queries, tables = [], [], [], []
-    for i, (computed, q_len) in enumerate(requests):
-        seq_len = computed + q_len
-        k = torch.randn(seq_len, num_kv_heads, head_dim, generator=gen)
-        v = torch.randn(seq_len, num_kv_heads, head_dim, generator=gen)
-        table = [free.pop() for _ in range(-(-seq_len // block_size))]
-        shared = 0
-        if share_prefix and i == 1:
-            # Request 1 reuses request 0's full blocks, which request 0 writes in this same
-            # step: its cached prefix is exactly request 0's first tokens.
-            computed0, q_len0 = requests[0]
-            assert computed0 == 0
-            shared = min(q_len0 // block_size, computed // block_size)
-            table[:shared] = tables[0][:shared]
-            k[: shared * block_size] = keys[0][: shared * block_size]
-            v[: shared * block_size] = values[0][: shared * block_size]
-        for pos in range(shared * block_size, computed):  # the already-cached context
-            block, offset = table[pos // block_size], pos % block_size
-            kv_cache[0, block, offset] = k[pos].to(kv_cache.device, dtype)
-            kv_cache[1, block, offset] = v[pos].to(kv_cache.device, dtype)
-        keys.append(k)
-        values.append(v)
-        queries.append(torch.randn(q_len, num_heads, head_dim, generator=gen))
-        tables.append(table)
-
-    common = make_common_metadata(
-        [q for _, q in requests], [c + q for c, q in requests], tables, block_size
-    )
-    new_k = torch.cat([k[c:] for k, (c, _) in zip(keys, requests, strict=True)])
-    new_v = torch.cat([v[c:] for v, (c, _) in zip(values, requests, strict=True)])
-    query = torch.cat(queries)
-    if num_padding_tokens:
-        pad = torch.randn(num_padding_tokens, num_heads, head_dim, generator=gen)
-        query = torch.cat([query, pad])
-        new_k = torch.cat([new_k, pad[:, :num_kv_heads]])
-        new_v = torch.cat([new_v, pad[:, :num_kv_heads]])
-    backend = TorchAttentionBackend()
-    device = platform.device()
-    out = backend.forward(
-        query.to(device, dtype), new_k.to(device, dtype), new_v.to(device, dtype), kv_cache,
-        backend.build_metadata(common), window, scale, softcap,
-    ).cpu()
-    kv_cache = kv_cache.cpu()
-    expected = torch.cat([
-        reference_attention(q, k, v, c, window, scale, softcap)
-        for q, k, v, (c, _) in zip(queries, keys, values, requests, strict=True)
-    ])
-    if num_padding_tokens:
-        expected = torch.cat([expected, torch.zeros(num_padding_tokens, num_heads, head_dim)])
-    # the cache now holds every token's K/V at its slot
-    for k, table in zip(keys, tables, strict=True):
-        for pos in range(k.shape[0]):
-            stored = kv_cache[0, table[pos // block_size], pos % block_size].float()
-            torch.testing.assert_close(stored, k[pos].to(dtype).float())
-    return out.float(), expected.float()
+    case = Case(
+        requests, num_heads, num_kv_heads, window, softcap, block_size, dtype=dtype,
+        share_prefix=share_prefix, num_padding_tokens=num_padding_tokens,
+    )  # fmt: skip
+    return run_case(TorchAttentionBackend(), case, seed)
 
 
 MIXED = [(0, 9), (5, 1), (12, 1), (7, 6), (0, 1), (30, 1), (3, 17)]
