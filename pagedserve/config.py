@@ -7,11 +7,15 @@ loaded, where the memory is, and reports it as a :class:`KVCacheConfig`.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+# Resolved quantization methods (EngineArgs.quantization also takes "auto").
+QUANTIZATION_METHODS = ("none", "int8")
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -58,10 +62,18 @@ class ModelConfig:
     max_model_len: int
     seed: int = 0
     eos_token_ids: frozenset[int] = frozenset()
+    # Resolved --quantization: "none" or "int8" (never "auto"), and why.
+    quantization: str = "none"
+    quantization_reason: str = ""
 
     def __post_init__(self) -> None:
         if self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(
+                f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} once "
+                f"resolved, got {self.quantization!r}"
+            )
 
     @property
     def num_layers(self) -> int:
@@ -156,8 +168,18 @@ class SchedulerConfig:
     long_prefill_token_threshold: int = 0  # 0: a long prefill may take the whole budget
     policy: str = "fcfs"  # "fcfs" or "priority" (lower value first, as vLLM)
     max_num_queued_requests: int = 0  # 0: unbounded
+    # Target step time in ms that sizes each step's prefill chunks (core/step_cost.py):
+    # None: auto, from a start-up measurement; 0: off (chunks up to max_num_batched_tokens).
+    max_step_latency_ms: float | None = None
 
     def __post_init__(self) -> None:
+        if self.max_step_latency_ms is not None and not (
+            math.isfinite(self.max_step_latency_ms) and self.max_step_latency_ms >= 0
+        ):
+            raise ValueError(
+                f"max_step_latency_ms must be a number of ms >= 0 (0: off), "
+                f"got {self.max_step_latency_ms}"
+            )
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:

@@ -37,6 +37,19 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+@lru_cache(maxsize=1)
+def cpu_model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo ("" when unknown)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def cpu_isa() -> str:
     """Best matmul ISA of this CPU, as a short label for the start-up banner."""
     flags = cpu_flags()

@@ -40,7 +40,7 @@ def test_every_variable_the_package_names_is_declared_and_read_only_by_envs() ->
     named: set[str] = set()
     for path in PACKAGE.rglob("*.py"):
         text = path.read_text()
-        named.update(re.findall(r"PAGEDSERVE_[A-Z_]+[A-Z]", text))
+        named.update(re.findall(r"PAGEDSERVE_[A-Z0-9_]+[A-Z0-9]", text))
         if path.name != "envs.py":
             assert not re.search(r"environ(\.get)?[\[(]\s*[\"']PAGEDSERVE_", text), path
             assert not re.search(r"getenv\(\s*[\"']PAGEDSERVE_", text), path

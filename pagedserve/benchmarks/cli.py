@@ -23,7 +23,8 @@ def _make_llm(args: argparse.Namespace):  # noqa: ANN202
     llm = LLM.from_engine_args(engine_args_from_flags(args))
     startup = time.perf_counter() - start
     kv_cache_config = llm.llm_engine.kv_cache_config
-    print(describe_engine(llm.llm_engine.engine_config, kv_cache_config, startup), file=sys.stderr)
+    print(describe_engine(llm.llm_engine.engine_config, kv_cache_config, startup,
+                          llm.llm_engine.quantization_info), file=sys.stderr)
     return llm, startup
 
 

@@ -18,29 +18,44 @@ from pagedserve.core.sched_output import (
     NewRequestData,
     SchedulerOutput,
 )
+from pagedserve.core.step_cost import StepBudget, StepShape
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class _StepPlan:
-    """The step being scheduled: what is in the batch so far and the budget left."""
+    """The step being scheduled: what is in the batch so far and the budgets left.
+
+    ``token_budget`` is every token of the step (the hard cap); ``prefill_budget`` the
+    share of requests scheduled for more than one token (prefill chunks), which the step
+    budget sizes; without one it never binds before ``token_budget``.
+    """
 
     token_budget: int
+    prefill_budget: int
     cached_reqs: CachedRequestData = field(default_factory=CachedRequestData)
     new_reqs: list[NewRequestData] = field(default_factory=list)
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     preempted: bool = False
 
-    def add_tokens(self, request_id: str, num_new_tokens: int) -> None:
+    def add_tokens(self, request_id: str, num_new_tokens: int, is_prefill: bool) -> None:
         self.num_scheduled_tokens[request_id] = num_new_tokens
         self.token_budget -= num_new_tokens
+        if is_prefill:
+            self.prefill_budget -= num_new_tokens
+
+    def budget_for(self, is_prefill: bool) -> int:
+        """Tokens one more request may take: a prefill also within the prefill budget."""
+        return min(self.token_budget, self.prefill_budget) if is_prefill else self.token_budget
 
     def unschedule(self, request_id: str) -> None:
         """Take a running request scheduled earlier in this step back out of the batch."""
         num_tokens = self.num_scheduled_tokens.pop(request_id, None)
         if num_tokens is not None:
             self.token_budget += num_tokens
+            if num_tokens > 1:
+                self.prefill_budget += num_tokens
             self.cached_reqs.remove(request_id)
 
 
@@ -54,6 +69,12 @@ class Scheduler:
     When a running request cannot get blocks, the lowest-priority, most recently
     arrived running request is preempted by recompute, and nothing new is admitted
     in that step.
+
+    With a ``step_budget`` (see :mod:`pagedserve.core.step_cost`), the tokens of
+    requests scheduled for more than one token (prefill chunks, running or newly
+    admitted) share a per-step prefill budget sized so that the predicted step time
+    stays under a latency target; decodes always run. The engine core reports each
+    step's measured time with :meth:`record_step_time`.
     """
 
     def __init__(
@@ -61,6 +82,7 @@ class Scheduler:
         scheduler_config: SchedulerConfig,
         cache_config: CacheConfig,
         kv_cache_config: KVCacheConfig,
+        step_budget: StepBudget | None = None,
     ) -> None:
         if kv_cache_config.block_size != cache_config.block_size:
             raise ValueError(
@@ -75,6 +97,7 @@ class Scheduler:
         self.max_model_len = scheduler_config.max_model_len
         self.long_prefill_token_threshold = scheduler_config.long_prefill_token_threshold
         self.policy = scheduler_config.policy
+        self.step_budget = step_budget
         self.block_size = cache_config.block_size
         self.enable_caching = cache_config.enable_prefix_caching
         # Requests hash their full blocks as tokens arrive (prefix caching only).
@@ -159,7 +182,10 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Decide this step's work. See the class docstring for the policy."""
-        step = _StepPlan(token_budget=self.max_num_batched_tokens)
+        step = _StepPlan(
+            token_budget=self.max_num_batched_tokens,
+            prefill_budget=self._prefill_token_budget(),
+        )
         self._schedule_running(step)
         if not step.preempted:
             self._schedule_waiting(step)
@@ -178,12 +204,37 @@ class Scheduler:
         self.preempted_req_ids = set()
         return scheduler_output
 
-    def _num_new_tokens(self, request: Request, num_computed_tokens: int, token_budget: int) -> int:
+    def _prefill_token_budget(self) -> int:
+        """This step's budget for prefill chunks: all of it without a step budget, else
+        what the step budget allows beside the running requests' decodes."""
+        if self.step_budget is None:
+            return self.max_num_batched_tokens
+        num_decode_reqs = num_decode_context_tokens = num_backlog_tokens = 0
+        for request in self.running:
+            num_new_tokens = request.num_tokens - request.num_computed_tokens
+            if num_new_tokens == 1:
+                num_decode_reqs += 1
+                num_decode_context_tokens += request.num_tokens
+            else:
+                num_backlog_tokens += num_new_tokens
+        for request in self.waiting:
+            num_backlog_tokens += request.num_tokens - request.num_computed_tokens
+        return self.step_budget.prefill_token_budget(
+            num_decode_reqs, num_decode_context_tokens, num_backlog_tokens
+        )
+
+    def _num_new_tokens(
+        self, request: Request, num_computed_tokens: int, step: _StepPlan
+    ) -> tuple[int, bool]:
+        """Tokens to schedule for ``request`` this step, and whether they are a prefill
+        chunk (more than one token to compute, so the prefill budget applies)."""
         num_new_tokens = request.num_tokens - num_computed_tokens
+        is_prefill = num_new_tokens > 1
         threshold = self.long_prefill_token_threshold
         if 0 < threshold < num_new_tokens:
             num_new_tokens = threshold
-        return min(num_new_tokens, token_budget, self.max_model_len - num_computed_tokens)
+        budget = step.budget_for(is_prefill)
+        return min(num_new_tokens, budget, self.max_model_len - num_computed_tokens), is_prefill
 
     def _schedule_running(self, step: _StepPlan) -> None:
         """Running requests, in admission order; preempt when blocks run out."""
@@ -191,8 +242,8 @@ class Scheduler:
         req_index = 0
         while req_index < len(self.running) and step.token_budget > 0:
             request = self.running[req_index]
-            num_new_tokens = self._num_new_tokens(
-                request, request.num_computed_tokens, step.token_budget
+            num_new_tokens, is_prefill = self._num_new_tokens(
+                request, request.num_computed_tokens, step
             )
             if num_new_tokens <= 0:
                 req_index += 1
@@ -217,20 +268,24 @@ class Scheduler:
             step.cached_reqs.append(
                 request.request_id, block_ids[num_old_blocks:], request.num_computed_tokens
             )
-            step.add_tokens(request.request_id, num_new_tokens)
+            step.add_tokens(request.request_id, num_new_tokens, is_prefill)
             req_index += 1
 
     def _schedule_waiting(self, step: _StepPlan) -> None:
-        """Admit waiting requests in queue order while budget, seats and blocks remain."""
+        """Admit waiting requests in queue order while budgets, seats and blocks remain."""
         kv_cache_manager = self.kv_cache_manager
-        while self.waiting and step.token_budget > 0 and len(self.running) < self.max_num_seqs:
+        while (
+            self.waiting
+            and min(step.token_budget, step.prefill_budget) > 0
+            and len(self.running) < self.max_num_seqs
+        ):
             request = self.waiting.peek_request()
             if request.num_computed_tokens == 0:
                 computed_blocks, num_hit_tokens = kv_cache_manager.get_computed_blocks(request)
             else:
                 computed_blocks, num_hit_tokens = [], 0
             num_computed_tokens = request.num_computed_tokens + num_hit_tokens
-            num_new_tokens = self._num_new_tokens(request, num_computed_tokens, step.token_budget)
+            num_new_tokens, is_prefill = self._num_new_tokens(request, num_computed_tokens, step)
             assert num_new_tokens > 0
             block_ids = kv_cache_manager.allocate_slots(
                 request, num_new_tokens, computed_blocks, num_hit_tokens
@@ -257,7 +312,7 @@ class Scheduler:
                     output_token_ids=list(request.output_token_ids),
                 )
             )
-            step.add_tokens(request.request_id, num_new_tokens)
+            step.add_tokens(request.request_id, num_new_tokens, is_prefill)
 
     def _select_victim_index(self) -> int:
         """The running request to preempt: the last arrived (fcfs), or the one with
@@ -352,6 +407,11 @@ class Scheduler:
             request.status = RequestStatus.FINISHED_LENGTH_CAPPED
             return True
         return False
+
+    def record_step_time(self, scheduler_output: SchedulerOutput, seconds: float) -> None:
+        """The measured duration of a scheduled step, for the step budget's cost model."""
+        if self.step_budget is not None and not scheduler_output.is_empty:
+            self.step_budget.observe(StepShape.of(scheduler_output), seconds)
 
     # -- state --------------------------------------------------------------------
 

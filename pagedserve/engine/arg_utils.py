@@ -61,6 +61,11 @@ class EngineArgs:
     dtype: str = arg_field(
         "auto", "weights and activations dtype; auto: bfloat16 on CUDA and on CPUs with "
         "AMX/AVX512-BF16, else float32", choices=("auto", "bfloat16", "float32", "float16"))
+    quantization: str = arg_field(
+        "auto", "weights of the linear layers and LM head; int8: per-channel int8 with "
+        "kernels chosen per CPU (CPU only); auto: int8 for a GGUF whose weights are "
+        "quantized (e.g. Q4_K_M), else none (the checkpoint's dtype)",
+        choices=("auto", "none", "int8"))
     max_model_len: int | None = arg_field(
         None, "context length, prompt plus output (default: the model's "
         "max_position_embeddings)")
@@ -69,6 +74,12 @@ class EngineArgs:
         None, f"most tokens in one engine step (default: "
         f"{_DEFAULT_MAX_NUM_BATCHED_TOKENS_CPU} on CPU, "
         f"{_DEFAULT_MAX_NUM_BATCHED_TOKENS_CUDA} on CUDA)")
+    max_step_latency_ms: float | None = arg_field(
+        None, "target time of an engine step that carries decodes, in ms: prefill chunks "
+        "are sized from a step-cost model learnt online so decoding streams are not "
+        "stalled (max_num_batched_tokens stays the hard cap). Default: auto, 8x the "
+        "single-decode step (measured at start-up, then tracked) or 2x a step's decodes "
+        "when longer; 0: off", metavar="MS")
     long_prefill_token_threshold: int | None = arg_field(
         None, "a prefill takes at most this many tokens per step, so other requests run "
         "alongside (default and 0: no limit but the step's token budget)")
@@ -135,6 +146,7 @@ class EngineArgs:
             )
         resolved = resolve_model(self.model, revision=self.revision)
         dtype, dtype_reason = platform.resolve_dtype(self.dtype)
+        quantization, quantization_reason = self._resolve_quantization(resolved)
         hf_config = resolved.hf_config
         model_max_len = int(
             getattr(hf_config, "max_position_embeddings", 0) or 2048
@@ -161,6 +173,8 @@ class EngineArgs:
             max_model_len=max_model_len,
             seed=self.seed,
             eos_token_ids=frozenset(resolved.eos_token_ids),
+            quantization=quantization,
+            quantization_reason=quantization_reason,
         )
         # Only the budget: the engine core sizes the cache in blocks once the model is
         # loaded, where the memory is (pagedserve.worker.kv_cache).
@@ -181,6 +195,7 @@ class EngineArgs:
             long_prefill_token_threshold=self.long_prefill_token_threshold or 0,
             policy=self.scheduling_policy,
             max_num_queued_requests=self.max_num_queued_requests,
+            max_step_latency_ms=self.max_step_latency_ms,
         )
         return EngineConfig(
             model_config=model_config,
@@ -188,6 +203,33 @@ class EngineArgs:
             scheduler_config=scheduler_config,
             num_threads=self.num_threads or 0,
         )
+
+    def _resolve_quantization(self, resolved: Any) -> tuple[str, str]:
+        """The quantization method ("none" or "int8") and why.
+
+        auto follows the checkpoint, as llama.cpp and vLLM do: a GGUF whose weights are
+        block-quantized runs on the int8 kernels; an unquantized checkpoint keeps its
+        dtype. The int8 kernels are CPU kernels: on CUDA the model runs unquantized.
+        """
+        requested = self.quantization
+        if requested not in ("auto", "none", "int8"):
+            raise ValueError(f"quantization must be auto, none or int8, got {requested!r}")
+        if requested == "none":
+            return "none", "requested"
+        if requested == "auto":
+            from pagedserve.transformers_utils.gguf_reader import has_quantized_weights, read_gguf
+
+            if not (resolved.is_gguf and has_quantized_weights(read_gguf(resolved.model_path))):
+                return "none", "auto: unquantized checkpoint"
+            reason = "auto: quantized GGUF"
+        else:
+            reason = "requested"
+        if platform.is_cuda():
+            logger.warning(
+                "quantization int8 (%s) has CPU kernels only: running unquantized on CUDA", reason
+            )
+            return "none", f"{reason}; int8 is CPU-only, unquantized on CUDA"
+        return "int8", reason
 
     def _resolve_max_num_batched_tokens(self) -> int:
         """The per-step token budget: the flag, else the platform's default.

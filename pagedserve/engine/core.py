@@ -6,6 +6,7 @@ engine-core process behind ZMQ (the API server).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -14,6 +15,7 @@ from pagedserve.config import EngineConfig, KVCacheConfig
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from pagedserve.core.scheduler import Scheduler
+from pagedserve.core.step_cost import StepBudget, run_warm_up
 from pagedserve.engine.messages import (
     EngineCoreOutput,
     EngineCoreOutputs,
@@ -42,13 +44,55 @@ class EngineCore:
         self.model_runner.load_model()
         self.kv_cache_config: KVCacheConfig = self.model_runner.determine_kv_cache_config()
         self.model_runner.initialize_kv_cache(self.kv_cache_config)
-        self.load_seconds = time.perf_counter() - start
+        # The kernels --quantization chose for this CPU (for the banner); "" when none.
+        self.quantization_info: str = getattr(self.model_runner.model, "quantization_info", "")
         self.scheduler = Scheduler(
-            engine_config.scheduler_config, engine_config.cache_config, self.kv_cache_config
+            engine_config.scheduler_config,
+            engine_config.cache_config,
+            self.kv_cache_config,
+            step_budget=self._make_step_budget(),
         )
+        self.load_seconds = time.perf_counter() - start
         self._eos_token_ids = set(engine_config.model_config.eos_token_ids)
         # Outputs for requests that ended outside a step (aborts), sent with the next step.
         self._pending_outputs: list[EngineCoreOutput] = []
+
+    def _make_step_budget(self) -> StepBudget | None:
+        """The step-time budget (None when --max-step-latency-ms is 0), its cost model
+        started from a few warm-up steps on dummy requests (a scratch scheduler over the
+        same KV cache, without prefix caching, so nothing of them stays behind)."""
+        config = self.engine_config
+        target_ms = config.scheduler_config.max_step_latency_ms
+        if target_ms == 0:
+            return None
+        start = time.perf_counter()
+        scratch = Scheduler(
+            config.scheduler_config,
+            dataclasses.replace(config.cache_config, enable_prefix_caching=False),
+            self.kv_cache_config,
+        )
+        warm_up = run_warm_up(
+            scratch, self.model_runner.execute_model, config.model_config.vocab_size
+        )
+        cost_model = warm_up.make_cost_model()
+        budget = StepBudget(
+            cost_model,
+            max_num_batched_tokens=config.scheduler_config.max_num_batched_tokens,
+            min_prefill_tokens=config.cache_config.block_size,
+            target_ms=target_ms,
+            single_decode_ms=warm_up.single_decode_s * 1000,
+        )
+        logger.info(
+            "step budget: %s; warm-up %.2f s, step cost ~ %.1f ms + %.3f ms/prefill token + "
+            "%.2f ms/decode", budget.describe(), time.perf_counter() - start,
+            *(c * 1000 for c in cost_model.coefficients[:3]),
+        )
+        return budget
+
+    def describe_step_budget(self) -> str:
+        """The step-time budget for the banner ("" when off)."""
+        budget = self.scheduler.step_budget
+        return budget.describe() if budget is not None else ""
 
     # ----------------------------------------------------------------- requests
     def add_request(self, core_request: EngineCoreRequest) -> None:
@@ -95,6 +139,7 @@ class EngineCore:
     # --------------------------------------------------------------------- step
     def step(self) -> EngineCoreOutputs:
         """Schedule, run the model once, and report what every request got."""
+        start = time.perf_counter()
         outputs = self._pending_outputs
         self._pending_outputs = []
         if not self.scheduler.has_unfinished_requests():
@@ -117,6 +162,8 @@ class EngineCore:
             return EngineCoreOutputs(outputs, self.make_stats(0), time.time())
         updated = self.scheduler.update_from_output(scheduler_output, runner_output)
         outputs.extend(self._make_outputs(scheduler_output, runner_output, updated))
+        # What the step cost, scheduling and outputs included: the budget's cost model.
+        self.scheduler.record_step_time(scheduler_output, time.perf_counter() - start)
         return EngineCoreOutputs(
             outputs,
             self.make_stats(scheduler_output.total_num_scheduled_tokens),
@@ -169,4 +216,14 @@ class EngineCore:
             prefix_cache_hits=prefix.hits,
             num_preemptions=scheduler.num_preemptions,
             num_scheduled_tokens=num_scheduled_tokens,
+            **self._step_budget_stats(),
         )
+
+    def _step_budget_stats(self) -> dict[str, float | int]:
+        budget = self.scheduler.step_budget
+        if budget is None:
+            return {}
+        return {
+            "step_budget_ms": budget.last_target_s * 1000,
+            "prefill_token_budget": budget.last_prefill_token_budget,
+        }

@@ -77,6 +77,10 @@ class InprocClient:
     def kv_cache_config(self) -> KVCacheConfig:
         return self.engine_core.kv_cache_config
 
+    @property
+    def quantization_info(self) -> str:
+        return self.engine_core.quantization_info
+
     def reset_prefix_cache(self) -> bool:
         return self.engine_core.reset_prefix_cache()
 

@@ -90,6 +90,8 @@ class EngineCoreProc:
             num_threads=platform.num_threads(),
             isa=platform.cpu_isa(),
             device=str(platform.device()),
+            step_budget=self.engine_core.describe_step_budget(),
+            quantization=self.engine_core.quantization_info,
         )
 
     # ------------------------------------------------------------------- loop

@@ -52,6 +52,11 @@ class LLMEngine(EngineFrontend):
         """The KV cache the engine core sized after loading the model."""
         return self.engine_core.kv_cache_config
 
+    @property
+    def quantization_info(self) -> str:
+        """The int8 kernels the engine core chose for this CPU ("" when unquantized)."""
+        return self.engine_core.quantization_info
+
     def get_stats(self) -> SchedulerStats:
         """The engine core's scheduler state now (running, waiting, KV-cache usage, ...)."""
         return self.engine_core.get_stats()

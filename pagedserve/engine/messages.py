@@ -57,6 +57,9 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
     num_scheduled_tokens: int = 0
+    # The step budget (0: off): the last step's target in ms and its prefill token budget.
+    step_budget_ms: float = 0.0
+    prefill_token_budget: int = 0
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -111,3 +114,5 @@ class EngineCoreReadyInfo(msgspec.Struct, omit_defaults=True):
     num_threads: int
     isa: str
     device: str
+    step_budget: str = ""  # the step-time budget, as the banner says it ("" : off)
+    quantization: str = ""  # the int8 kernels chosen for this CPU ("" when unquantized)

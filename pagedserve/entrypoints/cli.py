@@ -21,8 +21,8 @@ def _generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     engine = LLMEngine.from_engine_args(engine_args_from_flags(args))
     kv_cache_config = engine.kv_cache_config
-    print(describe_engine(engine.engine_config, kv_cache_config, time.perf_counter() - start),
-          file=sys.stderr)
+    print(describe_engine(engine.engine_config, kv_cache_config, time.perf_counter() - start,
+                          engine.quantization_info), file=sys.stderr)
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.layers.linear import default_weight_loader
+from pagedserve.layers.logits import linear_logits
 
 
 class VocabEmbedding(nn.Module):
@@ -34,7 +37,13 @@ class VocabEmbedding(nn.Module):
 
 
 class LMHead(nn.Module):
-    """Projection to vocabulary logits; shares the embedding weight when tied."""
+    """Projection to vocabulary logits; shares the embedding weight when tied.
+
+    With ``--quantization int8`` the head gets its own int8 copy and ``quant_method``
+    (``layers/quantization/int8.py``); the embedding lookup stays exact.
+    """
+
+    quant_method: Any = None
 
     def __init__(
         self,
@@ -56,11 +65,15 @@ class LMHead(nn.Module):
     def tied(self) -> bool:
         return bool(self._tied)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Float32 logits ``[N, vocab]``."""
+    def forward(self, hidden_states: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits ``[N, vocab]``; the unquantized head writes them into ``out``
+        (float32 ``[N, vocab]``, the runner's persistent buffer) when given."""
         weight = self._tied[0].weight if self._tied else self.weight
-        logits = F.linear(hidden_states, weight).float()
+        if self.quant_method is not None:
+            logits = self.quant_method.apply(self, hidden_states, weight, out)
+        else:
+            logits = linear_logits(hidden_states, weight, out)
         if self.final_logit_softcapping is not None:
             cap = self.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
+            logits = logits.div_(cap).tanh_().mul_(cap)  # fresh or ``out``: in place
         return logits

@@ -1,11 +1,73 @@
-"""RMSNorm variants, numerically as transformers computes them."""
+"""RMSNorm variants, numerically as transformers computes them.
+
+float32 runs transformers' exact op sequence (mean of squares, ``rsqrt``, scale), so
+fp32 greedy parity stays bit for bit; it only skips the no-op casts and keeps
+``1 + weight`` (Gemma) cached instead of recomputing it per call.
+
+Reduced precision (bf16) keeps transformers' rounding structure (normalize and scale in
+float32, round to bf16 once; Llama then scales by its bf16 weight) with fewer passes and
+no casts of the weight: the sum of squares is one float32-accumulating reduction straight
+from bf16 (``vector_norm(dtype=float32)``, no squared temporary), the per-row factor a
+``[T, 1]`` op, and the one upcast feeds in-place float32 multiplies. Results equal
+transformers' up to float32 rounding order (rarely one bf16 ulp apart). A single
+mixed-dtype multiply (bf16 times a float32 scale, rounded once) would save the upcast
+but runs unvectorized on CPU: slower from a few hundred rows on (prefill).
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 from pagedserve.layers.linear import default_weight_loader
+
+_WeightKey = tuple[int, int, torch.dtype, torch.device]
+
+
+def weight_key(weight: torch.Tensor) -> _WeightKey:
+    """Identifies the weight's current values: storage, in-place version, dtype, device."""
+    try:
+        version = weight._version
+    except RuntimeError:  # inference tensors carry no version counter
+        version = -1
+    return (weight.data_ptr(), version, weight.dtype, weight.device)
+
+
+def _inv_rms(x: torch.Tensor, consts: NormConstants) -> torch.Tensor:
+    """``rsqrt(mean(x ** 2) + eps)`` over the last dim, float32 ``[..., 1]``, computed as
+    ``sqrt(D) / sqrt(sum(x ** 2) + D * eps)`` from one float32-accumulating reduction."""
+    norm = torch.linalg.vector_norm(x, 2, dim=-1, keepdim=True, dtype=torch.float32)
+    return torch.div(consts.sqrt_d, torch.hypot(norm, consts.sqrt_d_eps))
+
+
+def gemma_rms_norm(x: torch.Tensor, consts: NormConstants, eps: float) -> torch.Tensor:
+    """``x * rsqrt(mean(x ** 2) + eps) * (1 + weight)`` in float32, cast to ``x.dtype``.
+
+    ``consts.factor`` is ``1 + weight`` in float32: ``[D]``, or ``[..., D]`` broadcasting
+    over leading dims (one row per head for a joint q/k norm).
+    """
+    assert consts.factor is not None
+    if x.dtype == torch.float32:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * consts.factor
+    return x.float().mul_(_inv_rms(x, consts)).mul_(consts.factor).to(x.dtype)
+
+
+class NormConstants:
+    """float32 tensors derived from a norm's weight, for one weight version."""
+
+    __slots__ = ("factor", "sqrt_d", "sqrt_d_eps")
+
+    def __init__(
+        self, factor: torch.Tensor | None, hidden_size: int, eps: float, device: torch.device
+    ) -> None:
+        # Gemma: 1 + weight (float32); Llama: None (its weight scales after the cast).
+        self.factor = factor
+        self.sqrt_d = torch.tensor(math.sqrt(hidden_size), dtype=torch.float32, device=device)
+        self.sqrt_d_eps = torch.tensor(
+            math.sqrt(hidden_size * eps), dtype=torch.float32, device=device
+        )
 
 
 class RMSNorm(nn.Module):
@@ -13,15 +75,32 @@ class RMSNorm(nn.Module):
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
+        self.hidden_size = hidden_size
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
         self.weight.weight_loader = default_weight_loader
+        self._constants_key: _WeightKey | None = None
+        self._constants: NormConstants | None = None
+
+    def weight_factor(self) -> torch.Tensor | None:
+        """What scales the normalized values in float32 (Gemma: ``1 + weight``); None when
+        the weight scales after the cast back (Llama)."""
+        return None
+
+    def constants(self) -> NormConstants:
+        """The float32 constants of the current weight (recomputed when it changes)."""
+        key = weight_key(self.weight)
+        if self._constants is None or key != self._constants_key:
+            self._constants = NormConstants(
+                self.weight_factor(), self.hidden_size, self.eps, self.weight.device
+            )
+            self._constants_key = key
+        return self._constants
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        input_dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(input_dtype)
+        if x.dtype == torch.float32:
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        return self.weight * x.float().mul_(_inv_rms(x, self.constants())).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -33,7 +112,37 @@ class GemmaRMSNorm(RMSNorm):
     The checkpoint stores ``weight`` centred on 0 (transformers' convention).
     """
 
+    def weight_factor(self) -> torch.Tensor:
+        return 1.0 + self.weight.float()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * (1.0 + self.weight.float())).type_as(x)
+        return gemma_rms_norm(x, self.constants(), self.eps)
+
+
+class StackedGemmaNorms:
+    """Several Gemma norms over the same size applied in one call, one factor row per head.
+
+    ``norms`` pairs each norm with the number of heads it covers, in order: q and k heads
+    of ``[T, H + Hkv, D]`` are normalized together (per row, so the values are those of
+    the separate norms). The stacked factors are rebuilt when a weight changes.
+    """
+
+    def __init__(self, norms: list[tuple[GemmaRMSNorm, int]]) -> None:
+        self.norms = norms
+        self._key: tuple[_WeightKey, ...] | None = None
+        self._constants: NormConstants | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        first = self.norms[0][0]
+        return gemma_rms_norm(x, self.constants(), first.eps)
+
+    def constants(self) -> NormConstants:
+        key = tuple(weight_key(norm.weight) for norm, _ in self.norms)
+        if self._constants is None or key != self._key:
+            first = self.norms[0][0]
+            rows = [norm.weight_factor().expand(count, -1) for norm, count in self.norms]
+            self._constants = NormConstants(
+                torch.cat(rows), first.hidden_size, first.eps, first.weight.device
+            )
+            self._key = key
+        return self._constants

@@ -10,6 +10,7 @@ default device and dtype.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,13 @@ def _new_param(*shape: int) -> nn.Parameter:
 
 
 class Linear(nn.Module):
-    """``y = x W^T + b`` with a plain (unsharded) weight."""
+    """``y = x W^T + b`` with a plain (unsharded) weight.
+
+    ``quant_method`` (set after loading by ``--quantization``; see
+    ``layers/quantization/int8.py``) runs the layer on quantized weights instead.
+    """
+
+    quant_method: Any = None
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
         super().__init__()
@@ -50,6 +57,8 @@ class Linear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_method is not None:
+            return self.quant_method.apply(self, x)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

@@ -3,11 +3,16 @@
 The inverse frequencies come from transformers' own ``ROPE_INIT_FUNCTIONS`` for the
 scaled variants (linear, llama3, yarn, ...) so they match bit for bit; cos/sin are
 computed per forward from the positions (once per model, not per layer).
+
+The models rotate with :func:`apply_rotary_emb` on tables from :meth:`RotaryEmbedding.tables`:
+``x * cos + roll(x, D/2) * sin_signed`` with ``sin_signed = [-sin | sin]`` is bit for bit
+transformers' ``x * cos + rotate_half(x) * sin`` (negation is exact) in 4 ops instead of
+7, and q and k heads can be rotated together in one call.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -94,6 +99,29 @@ class RotaryEmbedding(nn.Module):
             sin = sin * self.attention_scaling
         return cos.to(dtype), sin.to(dtype)
 
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTables:
+        """The tables :func:`apply_rotary_emb` takes: ``cos`` and ``[-sin | sin]``, each
+        ``[T, 1, head_dim]`` (broadcasting over heads)."""
+        cos, sin = self.forward(positions, dtype)
+        half = self.head_dim // 2
+        sin_signed = sin.clone()
+        sin_signed[:, :half].neg_()
+        return RopeTables(cos[:, None, :], sin_signed[:, None, :], half)
+
+
+class RopeTables(NamedTuple):
+    """One forward's rotary tables for :func:`apply_rotary_emb` (shared by all layers)."""
+
+    cos: torch.Tensor  # [T, 1, D]
+    sin_signed: torch.Tensor  # [T, 1, D]: -sin on the first half, sin on the second
+    half: int  # D // 2
+
+
+def apply_rotary_emb(x: torch.Tensor, tables: RopeTables) -> torch.Tensor:
+    """Rotate ``x [T, heads, D]`` (neox / rotate-half layout); any heads, q and k together."""
+    rotated = torch.roll(x, tables.half, dims=-1).mul_(tables.sin_signed)
+    return torch.mul(x, tables.cos).add_(rotated)
+
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -103,7 +131,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary(
     query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate ``query [T, H, D]`` and ``key [T, Hkv, D]`` (neox / rotate-half layout)."""
+    """Rotate ``query [T, H, D]`` and ``key [T, Hkv, D]`` (neox / rotate-half layout); the
+    reference form of :func:`apply_rotary_emb`."""
     cos = cos[:, None, :]
     sin = sin[:, None, :]
     return query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin

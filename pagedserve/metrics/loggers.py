@@ -5,9 +5,11 @@ engine is busy::
 
     Avg prompt throughput: 512.0 tokens/s, Avg generation throughput: 96.3 tokens/s,
     Running: 16 reqs, Waiting: 3 reqs, Preemptions: 0, KV cache usage: 41.2%,
-    Prefix cache hit rate: 12.5%
+    Prefix cache hit rate: 12.5%, Step budget: 412 ms, Prefill budget: 285 tokens
 
 (one line; "KV cache" rather than vLLM's "GPU KV cache": the engine is device-agnostic).
+The last two fields, only while the step-time budget is on, are the last step's target
+and the tokens its prefill chunks could take (``--max-step-latency-ms``).
 ``StatLoggerManager`` is what the front end calls once per engine-core step.
 """
 
@@ -46,9 +48,12 @@ def format_stats_line(
     num_preemptions: int,
     kv_cache_usage: float,
     prefix_cache_hit_rate: float,
+    step_budget_ms: float = 0.0,
+    prefill_token_budget: int = 0,
 ) -> str:
-    """The stats line (throughputs in tokens/s; usage and hit rate as fractions)."""
-    return (
+    """The stats line (throughputs in tokens/s; usage and hit rate as fractions; the step
+    budget's fields only when ``step_budget_ms`` > 0)."""
+    line = (
         f"Avg prompt throughput: {prompt_throughput:.1f} tokens/s, "
         f"Avg generation throughput: {generation_throughput:.1f} tokens/s, "
         f"Running: {num_running} reqs, Waiting: {num_waiting} reqs, "
@@ -56,6 +61,12 @@ def format_stats_line(
         f"KV cache usage: {kv_cache_usage * 100:.1f}%, "
         f"Prefix cache hit rate: {prefix_cache_hit_rate * 100:.1f}%"
     )
+    if step_budget_ms > 0:
+        line += (
+            f", Step budget: {step_budget_ms:.0f} ms, "
+            f"Prefill budget: {prefill_token_budget} tokens"
+        )
+    return line
 
 
 class LoggingStatLogger:
@@ -128,6 +139,7 @@ class LoggingStatLogger:
         line = format_stats_line(
             prompt_throughput, generation_throughput, num_running, num_waiting,
             self.num_preemptions, kv_usage, self.prefix_caching.hit_rate,
+            getattr(stats, "step_budget_ms", 0.0), getattr(stats, "prefill_token_budget", 0),
         )
         busy = bool(prompt_throughput or generation_throughput or num_running or num_waiting)
         self._reset_window(now)

@@ -11,9 +11,9 @@ from torch import nn
 
 from pagedserve.layers.attention import Attention
 from pagedserve.layers.embedding import LMHead, VocabEmbedding
-from pagedserve.layers.layernorm import GemmaRMSNorm
+from pagedserve.layers.layernorm import GemmaRMSNorm, StackedGemmaNorms
 from pagedserve.layers.linear import Linear, QKVLinear
-from pagedserve.layers.rotary import RotaryEmbedding, apply_rotary
+from pagedserve.layers.rotary import RopeTables, RotaryEmbedding, apply_rotary_emb
 from pagedserve.models.llama import LlamaMLP, head_dim_of
 from pagedserve.models.utils import CausalLMBase, layer_sliding_window
 
@@ -40,6 +40,11 @@ class Gemma3Attention(nn.Module):
         self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.q_norm = GemmaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = GemmaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        # q and k heads are adjacent in the fused qkv output: normalized (each with its
+        # own weight) and rotated in one call each.
+        self.qk_norm = StackedGemmaNorms(
+            [(self.q_norm, self.num_heads), (self.k_norm, self.num_kv_heads)]
+        )
         if getattr(config, "use_bidirectional_attention", False):
             raise ValueError("Gemma 3 with bidirectional attention is not supported")
         self.attn = Attention(
@@ -52,13 +57,14 @@ class Gemma3Attention(nn.Module):
             logit_softcap=getattr(config, "attn_logit_softcapping", None),
         )
 
-    def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, rope: RopeTables) -> torch.Tensor:
         num_tokens = hidden_states.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden_states))
-        q = self.q_norm(q.reshape(num_tokens, self.num_heads, self.head_dim))
-        k = self.k_norm(k.reshape(num_tokens, self.num_kv_heads, self.head_dim))
-        q, k = apply_rotary(q, k, cos, sin)
-        return self.o_proj(self.attn(q, k, v))
+        qkv = self.qkv_proj(hidden_states)
+        qk_size = self.qkv_proj.q_size + self.qkv_proj.kv_size
+        qk = qkv[:, :qk_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
+        qk = apply_rotary_emb(self.qk_norm(qk), rope)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        return self.o_proj(self.attn(q, k, qkv[:, qk_size:]))
 
 
 class Gemma3DecoderLayer(nn.Module):
@@ -75,13 +81,14 @@ class Gemma3DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps=eps)
         self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps=eps)
 
-    def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+        # Residual adds write into the fresh norm outputs (same values as residual + x).
         residual = hidden_states
-        hidden_states = self.self_attn(self.input_layernorm(hidden_states), cos, sin)
-        hidden_states = residual + self.post_attention_layernorm(hidden_states)
+        hidden_states = self.self_attn(self.input_layernorm(hidden_states), rope)
+        hidden_states = self.post_attention_layernorm(hidden_states).add_(residual)
         residual = hidden_states
         hidden_states = self.mlp(self.pre_feedforward_layernorm(hidden_states))
-        return residual + self.post_feedforward_layernorm(hidden_states)
+        return self.post_feedforward_layernorm(hidden_states).add_(residual)
 
 
 class Gemma3TextModel(nn.Module):
@@ -103,10 +110,10 @@ class Gemma3TextModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)
-        tables = {t: rope(positions, hidden_states.dtype) for t, rope in self.rotary_embs.items()}
+        dtype = hidden_states.dtype
+        tables = {t: rope.tables(positions, dtype) for t, rope in self.rotary_embs.items()}
         for layer in self.layers:
-            cos, sin = tables[layer.layer_type]
-            hidden_states = layer(hidden_states, cos, sin)
+            hidden_states = layer(hidden_states, tables[layer.layer_type])
         return self.norm(hidden_states)
 
 

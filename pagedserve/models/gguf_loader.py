@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pagedserve.models.weight_files import progress, save_tensors
 from pagedserve.transformers_utils.gguf_reader import (
     GGUFFile,
     GGUFTensorInfo,
@@ -135,7 +136,8 @@ def convert_gguf_weights(path: str | os.PathLike[str], hf_config: Any) -> dict[s
     name_map = gguf_to_hf_name_map(arch, hf_config)
     mm = np.memmap(path, dtype=np.uint8, mode="r")
     tensors: dict[str, torch.Tensor] = {}
-    for info in gguf_file.tensors:
+    bar = progress(gguf_file.tensors, "dequantizing GGUF", total=len(gguf_file.tensors), unit="tensor")
+    for info in bar:
         hf_name = name_map.get(info.name)
         if hf_name is None:
             logger.debug("skipping GGUF tensor %s (no transformers counterpart)", info.name)
@@ -158,22 +160,17 @@ def cached_weights_path(path: str | os.PathLike[str], dtype: torch.dtype) -> Pat
 
 def cached_weights_file(path: str | os.PathLike[str], hf_config: Any, dtype: torch.dtype) -> Path:
     """A safetensors file with the GGUF's weights in ``dtype``; dequantized on first use."""
-    from safetensors.torch import save_file
-
     target = cached_weights_path(path, dtype)
     if target.exists():
         return target
     start = time.perf_counter()
     logger.info("dequantizing %s to %s (cached under %s)", path, dtype, target.parent)
     tensors = {k: v.to(dtype).contiguous() for k, v in convert_gguf_weights(path, hf_config).items()}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     metadata = {
         "source": os.path.basename(str(path)),
         "format_version": str(WEIGHTS_FORMAT_VERSION),
     }
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, target)
+    save_tensors(target, tensors, metadata, desc="writing dequantized weights cache")
     logger.info("dequantized GGUF weights in %.1f s", time.perf_counter() - start)
     return target
 

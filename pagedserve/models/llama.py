@@ -16,7 +16,7 @@ from pagedserve.layers.attention import Attention
 from pagedserve.layers.embedding import LMHead, VocabEmbedding
 from pagedserve.layers.layernorm import RMSNorm
 from pagedserve.layers.linear import Linear, MergedLinear, QKVLinear
-from pagedserve.layers.rotary import RotaryEmbedding, apply_rotary
+from pagedserve.layers.rotary import RopeTables, RotaryEmbedding, apply_rotary_emb
 from pagedserve.models.utils import CausalLMBase, layer_sliding_window
 
 
@@ -64,16 +64,20 @@ class LlamaAttention(nn.Module):
             sliding_window=layer_sliding_window(config, layer_idx),
         )
 
-    def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, rope: RopeTables) -> torch.Tensor:
         num_tokens = hidden_states.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden_states))
-        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
-        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(hidden_states)
+        num_heads, num_kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         if self.qk_norm:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q, k = apply_rotary(q, k, cos, sin)
-        return self.o_proj(self.attn(q, k, v))
+            q, k, v = self.qkv_proj.split(qkv)
+            q = apply_rotary_emb(self.q_norm(q.reshape(num_tokens, num_heads, head_dim)), rope)
+            k = apply_rotary_emb(self.k_norm(k.reshape(num_tokens, num_kv_heads, head_dim)), rope)
+            return self.o_proj(self.attn(q, k, v))
+        # q and k heads are adjacent in the fused output: rotate them in one call.
+        qk_size = self.qkv_proj.q_size + self.qkv_proj.kv_size
+        qk = qkv[:, :qk_size].view(num_tokens, num_heads + num_kv_heads, head_dim)
+        qk = apply_rotary_emb(qk, rope)
+        return self.o_proj(self.attn(qk[:, :num_heads], qk[:, num_heads:], qkv[:, qk_size:]))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -91,13 +95,10 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, rope: RopeTables) -> torch.Tensor:
         residual = hidden_states
-        hidden_states = self.self_attn(self.input_layernorm(hidden_states), cos, sin)
-        hidden_states = residual + hidden_states
-        residual = hidden_states
-        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
-        return residual + hidden_states
+        hidden_states = residual + self.self_attn(self.input_layernorm(hidden_states), rope)
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
 class LlamaModel(nn.Module):
@@ -115,9 +116,9 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(positions, hidden_states.dtype)
+        rope = self.rotary_emb.tables(positions, hidden_states.dtype)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, cos, sin)
+            hidden_states = layer(hidden_states, rope)
         return self.norm(hidden_states)
 
 

@@ -37,16 +37,23 @@ def build_model(architecture: str, hf_config: object, dtype: torch.dtype, device
 
 def get_model(model_config: ModelConfig) -> nn.Module:
     """Build ``model_config.architecture``, load its weights in ``model_config.dtype`` on
-    ``platform.device()``, and return it in eval mode."""
+    ``platform.device()``, quantize it per ``model_config.quantization``, and return it in
+    eval mode."""
     start = time.perf_counter()
     device = platform.device()
     model = build_model(model_config.architecture, model_config.hf_config, model_config.dtype, device)
     model.load_weights(iterate_weights(model_config.model_path, model_config.hf_config, model_config.dtype))
+    if model_config.quantization != "none":
+        from pagedserve.models.quantized_weights import quantize_model
+
+        # What the banner says about it (kernels chosen for this CPU).
+        model.quantization_info = quantize_model(model, model_config)
     model.eval()
     model.requires_grad_(False)
     logger.info(
-        "loaded %s (%s, %s) on %s in %.2f s",
-        model_config.architecture, model_config.model_path, model_config.dtype, device,
+        "loaded %s (%s, %s, quantization %s) on %s in %.2f s",
+        model_config.architecture, model_config.model_path, model_config.dtype,
+        model_config.quantization, device,
         time.perf_counter() - start,
     )
     return model

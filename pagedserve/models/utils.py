@@ -113,9 +113,12 @@ class CausalLMBase(nn.Module):
         """Hidden states ``[T, hidden]`` for the flattened batch (inside a forward context)."""
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Float32 logits ``[N, vocab]`` (final softcapping applied where configured)."""
-        return self.lm_head(hidden_states)
+    def compute_logits(
+        self, hidden_states: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Float32 logits ``[N, vocab]`` (final softcapping applied where configured),
+        possibly written into ``out`` (a float32 ``[N, vocab]`` buffer; use the result)."""
+        return self.lm_head(hidden_states, out=out)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         skip = ("lm_head.",) if self.tie_word_embeddings else ()

@@ -51,6 +51,18 @@ class GGUFFile:
         return str(self.metadata.get("general.architecture", ""))
 
 
+# GGML tensor types that hold plain numbers (F32, F16, I8, I16, I32, I64, F64, BF16);
+# every other type is a block-quantized format (Q4_K, Q8_0, ...).
+_UNQUANTIZED_GGML_TYPES = frozenset({0, 1, 24, 25, 26, 27, 28, 30})
+
+
+def has_quantized_weights(gguf_file: GGUFFile) -> bool:
+    """Whether any matrix of the file is stored block-quantized (as in a Q4_K_M file)."""
+    return any(
+        len(t.dims) >= 2 and t.ggml_type not in _UNQUANTIZED_GGML_TYPES for t in gguf_file.tensors
+    )
+
+
 class _Reader:
     def __init__(self, f: BinaryIO) -> None:
         self.f = f

@@ -13,6 +13,7 @@ from pagedserve import platform
 from pagedserve.config import EngineConfig, KVCacheConfig
 from pagedserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from pagedserve.forward_context import ForwardContext, set_forward_context
+from pagedserve.layers.logits import LogitsBuffer
 from pagedserve.layers.logprobs import compute_logprobs
 from pagedserve.layers.sampler import Sampler
 from pagedserve.worker.input_batch import InputBatch, StepInputs
@@ -68,6 +69,8 @@ class ModelRunner:
             seed=self.model_config.seed,
         )
         self.sampler = Sampler()
+        # The LM head writes each step's float32 logits here (no fresh 32 MiB per step).
+        self.logits_buffer = LogitsBuffer(self.model_config.vocab_size, self.device)
         self.model: torch.nn.Module | None = None
         self.kv_caches: list[torch.Tensor] = []
         self.kv_cache_config: KVCacheConfig | None = None
@@ -149,7 +152,9 @@ class ModelRunner:
                 sample_hidden = hidden_states  # decode-only: every token samples
             else:
                 sample_hidden = hidden_states[step.logits_indices]
-            logits = model.compute_logits(sample_hidden)
+            logits = model.compute_logits(
+                sample_hidden, out=self.logits_buffer.get(sample_hidden.shape[0])
+            )
             logits_done = time.perf_counter()
             timings["logits"] = logits_done - forward_done
             sampling_metadata = self.input_batch.make_sampling_metadata(step)
@@ -235,7 +240,8 @@ class ModelRunner:
             max_topk = max(counts)
             for lo in range(0, len(all_rows), _PROMPT_LOGPROBS_SLICE):
                 hi = lo + _PROMPT_LOGPROBS_SLICE
-                logits = self.model.compute_logits(hidden_states[all_rows[lo:hi]])
+                rows = hidden_states[all_rows[lo:hi]]
+                logits = self.model.compute_logits(rows, out=self.logits_buffer.get(rows.shape[0]))
                 tensors = compute_logprobs(logits, all_targets[lo:hi], max_topk)
                 entries.extend(tensors.to_lists(counts[lo:hi]))
         offset = 0

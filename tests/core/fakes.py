@@ -11,6 +11,7 @@ from pagedserve.config import CacheConfig, KVCacheConfig, SchedulerConfig
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from pagedserve.core.scheduler import Scheduler
+from pagedserve.core.step_cost import StepBudget
 from pagedserve.sampling_params import SamplingParams
 
 EOS_TOKEN_ID = 2
@@ -51,6 +52,7 @@ def make_scheduler(
     long_prefill_token_threshold: int = 0,
     policy: str = "fcfs",
     enable_prefix_caching: bool = True,
+    step_budget: StepBudget | None = None,
 ) -> Scheduler:
     return Scheduler(
         SchedulerConfig(
@@ -62,6 +64,7 @@ def make_scheduler(
         ),
         CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching),
         make_kv_cache_config(num_blocks, block_size),
+        step_budget=step_budget,
     )
 
 

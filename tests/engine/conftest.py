@@ -38,10 +38,12 @@ def gemma_gguf_path() -> str:
 
 @pytest.fixture(scope="session")
 def gemma_llm():
-    """The default model in float32 (the dtype in which greedy equals transformers exactly)."""
+    """The default model in float32, unquantized (the configuration in which greedy equals
+    transformers exactly; quantization auto would run the Q4_K_M GGUF on int8 kernels)."""
     from pagedserve import LLM
 
-    return LLM(dtype="float32", max_model_len=2048, kv_cache_memory="256MiB", max_num_seqs=32)
+    return LLM(dtype="float32", quantization="none", max_model_len=2048, kv_cache_memory="256MiB",
+               max_num_seqs=32)
 
 
 @pytest.fixture(scope="session")

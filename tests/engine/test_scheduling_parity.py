@@ -34,7 +34,7 @@ def _tokens(llm: LLM, prompts: list[str]) -> list[list[int]]:
 
 def _make(**kwargs) -> LLM:
     gc.collect()
-    return LLM(dtype="float32", max_model_len=1024, **kwargs)
+    return LLM(dtype="float32", quantization="none", max_model_len=1024, **kwargs)
 
 
 def test_batched_equals_alone(gemma_llm, reference):

@@ -24,4 +24,4 @@ def offline_llm():
     """The offline engine with the server's settings: greedy outputs must match."""
     from pagedserve import LLM
 
-    return LLM(dtype="float32", max_model_len=2048, kv_cache_memory="192MiB")
+    return LLM(dtype="float32", quantization="none", max_model_len=2048, kv_cache_memory="192MiB")

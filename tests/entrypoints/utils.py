@@ -16,7 +16,10 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-key"
 # The default model in float32: greedy equals the offline engine exactly.
-BASE_ARGS = ["--dtype", "float32", "--max-model-len", "2048", "--kv-cache-memory", "192MiB"]
+# Unquantized float32: the server's greedy outputs must equal the offline LLM's (and
+# transformers'); --quantization auto would run the Q4_K_M GGUF on int8 kernels.
+BASE_ARGS = ["--dtype", "float32", "--quantization", "none", "--max-model-len", "2048",
+             "--kv-cache-memory", "192MiB"]
 
 PROMPTS = [
     "The capital of France is",

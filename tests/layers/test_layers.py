@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pagedserve.layers.embedding import VocabEmbedding
-from pagedserve.layers.layernorm import GemmaRMSNorm, RMSNorm
-from pagedserve.layers.rotary import RotaryEmbedding, apply_rotary
+from pagedserve.layers.layernorm import GemmaRMSNorm, RMSNorm, StackedGemmaNorms
+from pagedserve.layers.rotary import RotaryEmbedding, apply_rotary, apply_rotary_emb
 
 
 def _llama_config(rope_parameters: dict):
@@ -47,6 +47,9 @@ def test_rotary_matches_transformers(rope: dict, dtype: torch.dtype) -> None:
     hf_q, hf_k = hf_apply(q.transpose(0, 1)[None], k.transpose(0, 1)[None], hf_cos, hf_sin)
     our_q, our_k = apply_rotary(q, k, cos, sin)
     assert torch.equal(our_q, hf_q[0].transpose(0, 1)) and torch.equal(our_k, hf_k[0].transpose(0, 1))
+    # The models' path: q and k heads rotated together, as one [T, H + Hkv, D] tensor.
+    qk = apply_rotary_emb(torch.cat((q, k), dim=1), ours.tables(positions, dtype))
+    assert torch.equal(qk[:, :4], our_q) and torch.equal(qk[:, 4:], our_k)
 
 
 def test_dynamic_rope_is_rejected() -> None:
@@ -69,6 +72,62 @@ def test_norms_match_transformers(dtype: torch.dtype) -> None:
             module.weight.data = weight.clone()
         assert torch.equal(ours_llama(x), hf_llama(x))
         assert torch.equal(ours_gemma(x), hf_gemma(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norms_match_transformers_at_model_sizes(dtype: torch.dtype) -> None:
+    """fp32 is bit for bit; bf16 (float32 accumulation by a different op order) is within
+    one bf16 ulp of transformers, and identical almost everywhere."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    for shape in [(1, 640), (37, 640), (300, 4, 256)]:
+        size = shape[-1]
+        x = (torch.randn(*shape) * torch.rand(*shape[:-1], 1) * 8).to(dtype)
+        weight = (torch.randn(size) * 0.5).to(dtype)
+        for hf_cls, our_cls in ((LlamaRMSNorm, RMSNorm), (Gemma3RMSNorm, GemmaRMSNorm)):
+            hf, ours = hf_cls(size, eps=1e-6).to(dtype), our_cls(size, eps=1e-6)
+            with torch.no_grad():
+                hf.weight.data = weight.clone()
+                ours.weight.data = weight.clone()
+                expected, actual = hf(x), ours(x)
+            assert actual.dtype == expected.dtype == dtype
+            if dtype == torch.float32:
+                assert torch.equal(actual, expected)
+                continue
+            ulp = torch.finfo(dtype).eps * expected.float().abs().clamp(min=torch.finfo(dtype).tiny)
+            assert ((actual.float() - expected.float()).abs() <= ulp).all()
+            assert (actual == expected).float().mean() > 0.999
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stacked_gemma_norms_equal_separate_norms(dtype: torch.dtype) -> None:
+    q_norm, k_norm = GemmaRMSNorm(16, eps=1e-6), GemmaRMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        q_norm.weight.data = torch.randn(16).to(dtype)
+        k_norm.weight.data = torch.randn(16).to(dtype)
+    stacked = StackedGemmaNorms([(q_norm, 4), (k_norm, 2)])
+    qk = (torch.randn(7, 6, 16) * 3).to(dtype)
+    with torch.no_grad():
+        out = stacked(qk)
+        assert torch.equal(out[:, :4], q_norm(qk[:, :4]))
+        assert torch.equal(out[:, 4:], k_norm(qk[:, 4:]))
+        # Cached constants follow the weights: a reload (in place or a new tensor) is seen.
+        k_norm.weight.copy_(torch.randn(16).to(dtype))
+        assert torch.equal(stacked(qk)[:, 4:], k_norm(qk[:, 4:]))
+        q_norm.weight.data = torch.randn(16).to(dtype)
+        assert torch.equal(stacked(qk)[:, :4], q_norm(qk[:, :4]))
+
+
+def test_norm_constants_follow_weight_changes() -> None:
+    norm = GemmaRMSNorm(8)
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.data = torch.zeros(8, dtype=torch.bfloat16)
+        before = norm(x)
+        norm.weight.fill_(1.0)  # in place: same storage, new version
+        assert torch.equal(norm(x), (before.float() * 2).to(torch.bfloat16))
 
 
 def test_scaled_embedding_rounds_like_transformers() -> None:

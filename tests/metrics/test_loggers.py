@@ -116,3 +116,19 @@ def test_manager_fans_out_and_disable_log_stats() -> None:
     assert 'num_blocks="9"' in text and 'num_gpu_blocks="9"' in text
     quiet = StatLoggerManager.create(engine_config, log_stats=False)
     assert [type(x) for x in quiet.stat_loggers] == [PrometheusStatLogger]
+
+
+def test_step_budget_fields_are_appended_only_while_on() -> None:
+    line = format_stats_line(512.0, 96.25, 16, 3, 1, 0.4125, 0.125, 412.4, 285)
+    assert line.endswith("Prefix cache hit rate: 12.5%, Step budget: 412 ms, "
+                         "Prefill budget: 285 tokens")
+    assert LINE_RE.match(line.removesuffix(", Step budget: 412 ms, Prefill budget: 285 tokens"))
+    assert format_stats_line(512.0, 96.25, 16, 3, 1, 0.4125, 0.125, 0.0, 0).endswith("12.5%")
+    lines: list[str] = []
+    clock = FakeClock()
+    stat_logger = LoggingStatLogger(interval=5.0, clock=clock, log_fn=lines.append)
+    stats = SchedulerStats(num_running_reqs=4, step_budget_ms=380.0, prefill_token_budget=96)
+    stat_logger.record(stats, _iteration(100, 10))
+    clock.now += 5.0
+    stat_logger.record(stats, _iteration(0, 10))
+    assert lines[-1].endswith(", Step budget: 380 ms, Prefill budget: 96 tokens")

@@ -1,0 +1,1 @@
+"""Quantized linear layers (``--quantization``): int8 weights, kernels chosen per CPU."""
