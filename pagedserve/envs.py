@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # the attributes module __getattr__ provides, for type checke
     PAGEDSERVE_ENGINE_HEARTBEAT_INTERVAL: float
     PAGEDSERVE_ENGINE_HEARTBEAT_TIMEOUT: float
     PAGEDSERVE_ENGINE_READY_TIMEOUT: float
+    PAGEDSERVE_INT8_GEMV: bool
     PAGEDSERVE_INT8_KERNELS: str | None
     PAGEDSERVE_LOG_STATS_INTERVAL: float | None
     PAGEDSERVE_NUM_THREADS: int | None
@@ -74,6 +75,15 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"must be 1/true/yes/on or 0/false/no/off, got {text!r}")
+
+
 def _attention_backend(text: str) -> str:
     value = text.lower()
     if value not in ("auto", "cpu", "torch"):
@@ -112,6 +122,9 @@ ENV_VARS: dict[str, EnvVar] = {
                "Seconds without a heartbeat after which /health reports the engine stalled."),
         EnvVar("PAGEDSERVE_ENGINE_READY_TIMEOUT", 1800.0, _positive_float,
                "Seconds the API process waits for the engine core to load the model."),
+        EnvVar("PAGEDSERVE_INT8_GEMV", True, _bool,
+               "With --quantization int8: run w8a8 at up to 16 rows on the native AVX512-VNNI "
+               "GEMV (built at first use) instead of torch._int_mm; 0 turns it off."),
         EnvVar("PAGEDSERVE_INT8_KERNELS", None, str,
                "With --quantization int8: the kernel per layer kind and row count instead of "
                "the start-up measurement, as the banner prints it, e.g. "

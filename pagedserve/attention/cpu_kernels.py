@@ -1,42 +1,28 @@
 """The paged-attention CPU kernel (``csrc/paged_attention.cpp``): built once, cached, loaded.
 
-The kernel has a plain C entry point and includes no torch header, so it compiles in about
-two seconds with the system C++ compiler (``$CXX``, else ``g++``/``c++``/``clang++``) and
-needs nothing at ``pip install`` time. It is built at first use into
-``$PAGEDSERVE_CACHE_DIR/kernels/`` under a name keyed by the source, the compiler, the flags
-and the CPU's features (it is built with ``-march=native``), then loaded with ``ctypes``;
-later starts only load it. Without a compiler, or when the build fails, :func:`load_kernel`
-returns None with the reason and attention uses the pure-torch backend.
-
-OpenMP: the library links ``libgomp.so.1``; torch's own copy (same soname, already loaded)
-serves it, so the kernel and torch share one thread pool. The thread count is torch's,
-passed on every call. ``-ffast-math`` applies to compilation only: linking with it would
-pull in ``crtfastmath.o``, which flushes denormals process-wide when the library loads.
+Built at first use by :mod:`pagedserve.native` (keyed by source, compiler, flags and CPU
+features; ``-ffast-math`` for compilation only), loaded with ``ctypes``. Without a
+compiler, or when the build fails, :func:`load_kernel` returns None with the reason and
+attention uses the pure-torch backend. The thread count is torch's, passed on every call.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pagedserve import envs, platform
+from pagedserve import native
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
 _SYMBOL = "pagedserve_paged_attention"
-_COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17")
-_BUILD_TIMEOUT_S = 300
+_COMPILE_FLAGS = (*native.BASE_FLAGS, "-ffast-math")
 # dtype codes of the C entry point
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -47,62 +33,6 @@ class KernelLoad:
 
     kernel: PagedAttentionKernel | None
     reason: str
-
-
-def _compiler() -> str | None:
-    for candidate in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if candidate and shutil.which(candidate):
-            return shutil.which(candidate)
-    return None
-
-
-def _torch_lib_dir() -> Path:
-    return Path(torch.__file__).parent / "lib"
-
-
-def _build_key(compiler: str) -> str:
-    try:
-        version = subprocess.run(
-            [compiler, "--version"], capture_output=True, text=True, timeout=30
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        version = ""
-    digest = hashlib.sha256()
-    for part in (
-        SOURCE.read_bytes(),
-        compiler.encode(),
-        version.encode(),
-        " ".join(_COMPILE_FLAGS).encode(),
-        " ".join(sorted(platform.cpu_flags())).encode(),
-        str(_torch_lib_dir()).encode(),
-    ):
-        digest.update(part)
-        digest.update(b"\0")
-    return digest.hexdigest()[:16]
-
-
-def _build(compiler: str, target: Path) -> None:
-    """Compile and link into ``target`` atomically (concurrent builders do not collide)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
-        obj = Path(tmp) / "paged_attention.o"
-        lib = Path(tmp) / target.name
-        link = ["-shared", "-fopenmp", "-o", str(lib), str(obj), "-lm"]
-        torch_lib = _torch_lib_dir()
-        if (torch_lib / "libgomp.so.1").exists():
-            link += [f"-Wl,-rpath,{torch_lib}"]
-        for command in (
-            [compiler, *_COMPILE_FLAGS, "-c", "-o", str(obj), str(SOURCE)],
-            [compiler, *link],
-        ):
-            result = subprocess.run(
-                command, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S
-            )
-            if result.returncode != 0:
-                raise RuntimeError(
-                    f"{' '.join(command[:2])} ... failed:\n{result.stderr.strip()[-2000:]}"
-                )
-        os.replace(lib, target)
 
 
 class PagedAttentionKernel:
@@ -184,15 +114,9 @@ def load_kernel() -> KernelLoad:
 
 
 def _load() -> KernelLoad:
-    compiler = _compiler()
-    if compiler is None:
-        return KernelLoad(None, "no C++ compiler found (set CXX)")
-    target = Path(envs.PAGEDSERVE_CACHE_DIR) / "kernels" / f"paged_attention-{_build_key(compiler)}.so"
     try:
-        if not target.exists():
-            logger.info("Building the paged-attention CPU kernel (once) into %s", target)
-            _build(compiler, target)
-        return KernelLoad(PagedAttentionKernel(target), f"built with {Path(compiler).name}")
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        path, compiler = native.build_library(SOURCE, _COMPILE_FLAGS)
+        return KernelLoad(PagedAttentionKernel(path), f"built with {compiler}")
+    except (OSError, native.NativeBuildError) as exc:
         logger.warning("Paged-attention CPU kernel unavailable: %s", exc)
         return KernelLoad(None, f"kernel build failed: {str(exc).splitlines()[0]}")

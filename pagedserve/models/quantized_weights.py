@@ -24,7 +24,7 @@ from pagedserve.config import ModelConfig
 from pagedserve.layers.embedding import LMHead
 from pagedserve.layers.linear import Linear
 from pagedserve.layers.quantization.int8 import install_int8, quantize_layer_weight
-from pagedserve.layers.quantization.kernels import Int8KernelPlan
+from pagedserve.layers.quantization.kernels import Int8KernelPlan, weight_row_sums
 from pagedserve.layers.quantization.selection import QuantizedWeight, choose_int8_plan
 from pagedserve.models.weight_files import load_tensors, progress, save_tensors
 from pagedserve.transformers_utils.utils import cache_root
@@ -130,7 +130,10 @@ def _benchmark_weights(
     head = None
     for name, _, weight, is_head in targets:
         qweight, scale = tensors[f"{name}.qweight"], tensors[f"{name}.weight_scale"]
-        entry = QuantizedWeight(qweight, scale, scale.to(torch.bfloat16), weight)
+        entry = QuantizedWeight(
+            qweight, scale, scale.to(torch.bfloat16), weight,
+            weight_row_sums(qweight) if is_head else None,
+        )
         if is_head:
             head = entry
         else:

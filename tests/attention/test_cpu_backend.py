@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import pagedserve.attention.cpu_backend as cpu_backend
+from pagedserve import native
 from pagedserve.attention import cpu_kernels
 from pagedserve.attention.backend import select_attn_backend
 from pagedserve.attention.cpu_backend import CPUAttentionBackend
@@ -247,6 +248,6 @@ def test_selection_and_fallback(monkeypatch, caplog) -> None:
 
 
 def test_no_compiler_means_no_kernel(monkeypatch) -> None:
-    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: None)
+    monkeypatch.setattr(native, "find_compiler", lambda: None)
     load = cpu_kernels._load()
     assert load.kernel is None and "compiler" in load.reason

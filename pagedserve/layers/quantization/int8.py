@@ -4,7 +4,8 @@ kernel choice.
 A layer is quantized after its checkpoint weights are loaded (the fused-shard loaders of
 ``layers/linear.py`` are untouched): :func:`quantize_layer_weight` gives symmetric
 per-output-channel int8 weights, and :func:`install_int8` puts them on the layer as
-buffers (``qweight`` int8 [N, K], ``weight_scale`` float32 [N], ``weight_scale_bf16``)
+buffers (``qweight`` int8 [N, K], ``weight_scale`` float32 [N], ``weight_scale_bf16``,
+``weight_sum`` int32 [N] where it runs ``w8a8``)
 together with the method that runs it. The unquantized weight stays only where the
 layer's schedule still runs ``dense`` at some row count.
 
@@ -28,6 +29,7 @@ from pagedserve.layers.quantization.kernels import (
     w8a8_mm,
     weight_only_mm,
     weight_only_supported,
+    weight_row_sums,
 )
 
 
@@ -83,7 +85,8 @@ class Int8LinearMethod:
         if kernel == KERNEL_WEIGHT_ONLY:
             out = weight_only_mm(x2, layer.qweight, layer.weight_scale_bf16)
         else:
-            out = w8a8_mm(x2, layer.qweight, layer.weight_scale).to(x.dtype)
+            out = w8a8_mm(x2, layer.qweight, layer.weight_scale, weight_sum=layer.weight_sum)
+            out = out.to(x.dtype)
         if layer.bias is not None:
             out.add_(layer.bias)
         return out.reshape(*shape[:-1], out.shape[-1])
@@ -113,7 +116,10 @@ class Int8LMHeadMethod:
         kernel = self.schedule.kernel_for(hidden_states.shape[0])
         if kernel == KERNEL_W8A8:
             acc = out.view(torch.int32) if out is not None else None
-            return w8a8_mm(hidden_states, layer.qweight, layer.weight_scale, out=acc)
+            return w8a8_mm(
+                hidden_states, layer.qweight, layer.weight_scale, out=acc,
+                weight_sum=layer.weight_sum,
+            )
         if kernel == KERNEL_DENSE:
             return linear_logits(hidden_states, dense_weight, out)
         if out is None:
@@ -146,6 +152,9 @@ def install_int8(
     layer.register_buffer("qweight", qweight, persistent=False)
     layer.register_buffer("weight_scale", weight_scale.float(), persistent=False)
     layer.register_buffer("weight_scale_bf16", weight_scale.to(torch.bfloat16), persistent=False)
+    # Row sums for the native W8A8 GEMV (None where no row count runs w8a8).
+    weight_sum = weight_row_sums(qweight) if schedule.uses(KERNEL_W8A8) else None
+    layer.register_buffer("weight_sum", weight_sum, persistent=False)
     layer.quant_method = Int8LMHeadMethod(schedule) if lm_head else Int8LinearMethod(schedule)
     own_weight = layer._parameters.get("weight")
     if own_weight is not None and not schedule.uses(KERNEL_DENSE):

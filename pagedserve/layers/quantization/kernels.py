@@ -9,7 +9,8 @@ Three ways to compute ``x @ W^T`` for a layer quantized to int8 per output chann
   few GFLOP/s). Reads half the bytes of bf16: the fast path where a step is memory-bound.
 - ``w8a8``: activations quantized per token to int8 on the fly, ``torch._int_mm`` against
   the same int8 weights (transposed view: its M=1 path is a fast GEMV), int32 products
-  scaled to float in place. The fastest where compute-bound, but activation rounding costs
+  scaled to float in place; up to 16 rows on AVX512-VNNI CPUs, the native GEMV of
+  :mod:`~pagedserve.layers.quantization.gemv` instead (same integers, memory speed). The fastest where compute-bound, but activation rounding costs
   quality: on Gemma 3 270M it is fine for the LM head only (see docs/design.md).
 
 Which kernel runs is a :class:`KernelSchedule` per layer kind (decoder linears, LM head):
@@ -23,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from pagedserve.layers.quantization import gemv
 
 KERNEL_DENSE = "dense"
 KERNEL_WEIGHT_ONLY = "int8_wo"
@@ -178,14 +181,25 @@ def w8a8_mm(
     qweight: torch.Tensor,
     weight_scale: torch.Tensor,
     out: torch.Tensor | None = None,
+    weight_sum: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Float32 ``x @ dequant(qweight)^T`` with per-token int8 activations.
 
-    The int32 products land in ``out`` (int32 [M, N], or a new tensor) and become float32
-    in place, in the same memory: no second full-size temporary. (A mixed int32 * float32
+    Up to :data:`gemv.MAX_ROWS` rows, with ``weight_sum`` (int32 row sums of ``qweight``)
+    and where the native GEMV is available (AVX512-VNNI), that kernel runs: it streams the
+    weights once at memory speed, where ``_int_mm`` does not. Otherwise the int32 products
+    of ``_int_mm`` land in ``out`` (int32 [M, N], or a new tensor) and become float32 in
+    place, in the same memory: no second full-size temporary. (A mixed int32 * float32
     multiply is not vectorized in torch: converting first and scaling in place is ~4x
     faster.) With ``M == 1`` the token's scale folds into the channel scales.
     """
+    if weight_sum is not None and x.shape[0] <= gemv.MAX_ROWS:
+        kernel = gemv.load_gemv()
+        if kernel is not None:
+            return kernel(
+                x, qweight, weight_scale, weight_sum,
+                out=None if out is None else out.view(torch.float32),
+            )  # fmt: skip
     xq, x_scale = quantize_per_token(x)
     if out is None:
         acc = torch._int_mm(xq, qweight.t())
@@ -196,3 +210,9 @@ def w8a8_mm(
     if x.shape[0] == 1:
         return result.mul_(weight_scale * x_scale[0])
     return result.mul_(weight_scale).mul_(x_scale)
+
+
+def weight_row_sums(qweight: torch.Tensor) -> torch.Tensor:
+    """int32 ``[N]`` row sums of int8 weights (what the native GEMV subtracts its
+    activation offset with)."""
+    return qweight.sum(dim=1, dtype=torch.int32)

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pagedserve.layers.quantization import gemv
 from pagedserve.layers.quantization.kernels import (
     KERNEL_DENSE,
     KERNEL_W8A8,
@@ -68,11 +69,13 @@ class QuantizedWeight:
     weight_scale: torch.Tensor  # float32 [N]
     weight_scale_bf16: torch.Tensor
     dense: torch.Tensor  # the unquantized weight [N, K], model dtype
+    weight_sum: torch.Tensor | None = None  # int32 [N] row sums (the native GEMV's)
 
     def rows(self, start: int, stop: int) -> QuantizedWeight:
         return QuantizedWeight(
             self.qweight[start:stop], self.weight_scale[start:stop],
             self.weight_scale_bf16[start:stop], self.dense[start:stop],
+            None if self.weight_sum is None else self.weight_sum[start:stop],
         )
 
 
@@ -81,7 +84,7 @@ def _runner(kernel: str, weight: QuantizedWeight) -> Callable[[torch.Tensor], to
         return lambda x: F.linear(x, weight.dense)
     if kernel == KERNEL_WEIGHT_ONLY:
         return lambda x: weight_only_mm(x, weight.qweight, weight.weight_scale_bf16)
-    return lambda x: w8a8_mm(x, weight.qweight, weight.weight_scale)
+    return lambda x: w8a8_mm(x, weight.qweight, weight.weight_scale, weight_sum=weight.weight_sum)
 
 
 def _weights_for_rows(weights: Sequence[QuantizedWeight], num_rows: int) -> list[QuantizedWeight]:
@@ -195,7 +198,7 @@ def _plan_key(
     return (
         f"{platform.cpu_model_name()}|{platform.cpu_isa()}|threads={torch.get_num_threads()}|"
         f"torch={torch.__version__}|{dtype}|linear={tuple(linear)}x{len(linear_weights)}|"
-        f"head={head}"
+        f"head={head}|gemv={'on' if gemv.load_gemv() is not None else 'off'}"
     )
 
 
