@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # the attributes module __getattr__ provides, for type checke
     PAGEDSERVE_INT8_GEMV: bool
     PAGEDSERVE_INT8_KERNELS: str | None
     PAGEDSERVE_LOG_STATS_INTERVAL: float | None
+    PAGEDSERVE_NATIVE_NORM: bool
     PAGEDSERVE_NUM_THREADS: int | None
 
 
@@ -132,6 +133,9 @@ ENV_VARS: dict[str, EnvVar] = {
         EnvVar("PAGEDSERVE_LOG_STATS_INTERVAL", None, _positive_float,
                "Seconds between periodic stats log lines while the engine is busy; default "
                "pagedserve.metrics.loggers.DEFAULT_LOG_INTERVAL_S (5)."),
+        EnvVar("PAGEDSERVE_NATIVE_NORM", True, _bool,
+               "bf16 RMSNorm (and the residual add after it) as one native call on CPU "
+               "(built at first use) instead of several torch ops; 0 turns it off."),
         EnvVar("PAGEDSERVE_NUM_THREADS", None, _non_negative_int,
                "torch threads of the engine core when --num-threads is not given; "
                "unset or 0: all cores."),

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from pagedserve.layers.linear import default_weight_loader
+from pagedserve.layers.native_norm import MODE_GEMMA, MODE_LLAMA, RMSNormKernel, load_rms_norm
 
 _WeightKey = tuple[int, int, torch.dtype, torch.device]
 
@@ -54,16 +55,32 @@ def gemma_rms_norm(x: torch.Tensor, consts: NormConstants, eps: float) -> torch.
     return x.float().mul_(_inv_rms(x, consts)).mul_(consts.factor).to(x.dtype)
 
 
+def _native_kernel(x: torch.Tensor) -> RMSNormKernel | None:
+    """The fused kernel for bf16 CPU activations (None: use the torch ops)."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        return None
+    return load_rms_norm()
+
+
 class NormConstants:
     """float32 tensors derived from a norm's weight, for one weight version."""
 
-    __slots__ = ("factor", "sqrt_d", "sqrt_d_eps")
+    __slots__ = ("factor", "native_factor", "sqrt_d", "sqrt_d_eps")
 
     def __init__(
-        self, factor: torch.Tensor | None, hidden_size: int, eps: float, device: torch.device
+        self,
+        factor: torch.Tensor | None,
+        hidden_size: int,
+        eps: float,
+        device: torch.device,
+        native_factor: torch.Tensor | None = None,
     ) -> None:
         # Gemma: 1 + weight (float32); Llama: None (its weight scales after the cast).
         self.factor = factor
+        # What the fused kernel scales by (float32, contiguous): Gemma 1 + weight, Llama weight.
+        self.native_factor = (factor if native_factor is None else native_factor)
+        if self.native_factor is not None:
+            self.native_factor = self.native_factor.float().contiguous()
         self.sqrt_d = torch.tensor(math.sqrt(hidden_size), dtype=torch.float32, device=device)
         self.sqrt_d_eps = torch.tensor(
             math.sqrt(hidden_size * eps), dtype=torch.float32, device=device
@@ -71,7 +88,13 @@ class NormConstants:
 
 
 class RMSNorm(nn.Module):
-    """Llama-style RMSNorm: normalize in float32, cast back, then scale by ``weight``."""
+    """Llama-style RMSNorm: normalize in float32, cast back, then scale by ``weight``.
+
+    bf16 on CPU runs the fused native kernel (:mod:`pagedserve.layers.native_norm`), one
+    call instead of several torch ops, rounding as the torch path does.
+    """
+
+    native_mode = MODE_LLAMA
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -92,12 +115,25 @@ class RMSNorm(nn.Module):
         key = weight_key(self.weight)
         if self._constants is None or key != self._constants_key:
             self._constants = NormConstants(
-                self.weight_factor(), self.hidden_size, self.eps, self.weight.device
+                self.weight_factor(), self.hidden_size, self.eps, self.weight.device,
+                native_factor=self.weight.detach(),
             )
             self._constants_key = key
         return self._constants
 
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``norm(x) + residual`` with the norm's output rounded to x's dtype before the
+        add (``self(x).add_(residual)``), fused into the kernel for bf16 on CPU."""
+        kernel = _native_kernel(x)
+        if kernel is not None:
+            constants = self.constants()
+            return kernel(x, constants.native_factor, self.eps, self.native_mode, residual)
+        return self(x).add_(residual)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = _native_kernel(x)
+        if kernel is not None:
+            return kernel(x, self.constants().native_factor, self.eps, self.native_mode)
         if x.dtype == torch.float32:
             return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
         return self.weight * x.float().mul_(_inv_rms(x, self.constants())).to(x.dtype)
@@ -112,10 +148,24 @@ class GemmaRMSNorm(RMSNorm):
     The checkpoint stores ``weight`` centred on 0 (transformers' convention).
     """
 
+    native_mode = MODE_GEMMA
+
     def weight_factor(self) -> torch.Tensor:
         return 1.0 + self.weight.float()
 
+    def constants(self) -> NormConstants:
+        key = weight_key(self.weight)
+        if self._constants is None or key != self._constants_key:
+            self._constants = NormConstants(
+                self.weight_factor(), self.hidden_size, self.eps, self.weight.device
+            )
+            self._constants_key = key
+        return self._constants
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = _native_kernel(x)
+        if kernel is not None:
+            return kernel(x, self.constants().native_factor, self.eps, self.native_mode)
         return gemma_rms_norm(x, self.constants(), self.eps)
 
 
@@ -134,6 +184,9 @@ class StackedGemmaNorms:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         first = self.norms[0][0]
+        kernel = _native_kernel(x)
+        if kernel is not None:
+            return kernel(x, self.constants().native_factor, first.eps, MODE_GEMMA)
         return gemma_rms_norm(x, self.constants(), first.eps)
 
     def constants(self) -> NormConstants:

@@ -85,10 +85,10 @@ class Gemma3DecoderLayer(nn.Module):
         # Residual adds write into the fresh norm outputs (same values as residual + x).
         residual = hidden_states
         hidden_states = self.self_attn(self.input_layernorm(hidden_states), rope)
-        hidden_states = self.post_attention_layernorm(hidden_states).add_(residual)
+        hidden_states = self.post_attention_layernorm.forward_add(hidden_states, residual)
         residual = hidden_states
         hidden_states = self.mlp(self.pre_feedforward_layernorm(hidden_states))
-        return self.post_feedforward_layernorm(hidden_states).add_(residual)
+        return self.post_feedforward_layernorm.forward_add(hidden_states, residual)
 
 
 class Gemma3TextModel(nn.Module):

@@ -23,6 +23,7 @@ from pagedserve import envs, platform
 from pagedserve.config import ModelConfig
 from pagedserve.layers.embedding import LMHead
 from pagedserve.layers.linear import Linear
+from pagedserve.layers.quantization import gemv
 from pagedserve.layers.quantization.int8 import install_int8, quantize_layer_weight
 from pagedserve.layers.quantization.kernels import Int8KernelPlan, weight_row_sums
 from pagedserve.layers.quantization.selection import QuantizedWeight, choose_int8_plan
@@ -132,7 +133,7 @@ def _benchmark_weights(
         qweight, scale = tensors[f"{name}.qweight"], tensors[f"{name}.weight_scale"]
         entry = QuantizedWeight(
             qweight, scale, scale.to(torch.bfloat16), weight,
-            weight_row_sums(qweight) if is_head else None,
+            weight_row_sums(qweight) if is_head or gemv.load_gemv() is not None else None,
         )
         if is_head:
             head = entry

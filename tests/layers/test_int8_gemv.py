@@ -15,6 +15,7 @@ from pagedserve.layers.quantization.kernels import (
     KernelSchedule,
     quantize_per_token,
     w8a8_mm,
+    w8a16_mm,
     weight_row_sums,
 )
 
@@ -103,3 +104,45 @@ def test_gemv_is_off_without_vnni_or_when_disabled(monkeypatch) -> None:
     monkeypatch.setattr(platform, "cpu_flags", lambda: frozenset({"avx512f"}))
     assert gemv.load_gemv() is None
     monkeypatch.setattr(gemv, "_loaded", [])
+
+
+def _a16_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """16-bit fixed-point rows (scale amax / 32767, round half to even) times the int8
+    weights, in exact integers."""
+    xf = x.float()
+    x_scale = (xf.abs().amax(dim=1, keepdim=True) / 32767.0).clamp_(min=1e-12)
+    q16 = torch.round(xf / x_scale).to(torch.int64)
+    return (q16 @ qweight.t().to(torch.int64)).double() * scale.double() * x_scale.double()
+
+
+@needs_gemv
+@pytest.mark.parametrize("num_rows", [1, 2, 5, 8, 9, 16, 40])
+@pytest.mark.parametrize("num_in", [640, 100])
+def test_w8a16_is_exact_16_bit_activations(num_rows: int, num_in: int) -> None:
+    """Integers exact (the two 8-bit halves recombine to the 16-bit row), so the result
+    equals the 16-bit reference to float rounding, and the float matmul to ~1e-4."""
+    qweight, scale, row_sums = _quantized(300, num_in, seed=num_rows)
+    x = torch.randn(num_rows, num_in, generator=torch.Generator().manual_seed(7)) * 4
+    got = w8a16_mm(x, qweight, scale, row_sums)
+    assert got.dtype == torch.float32 and got.shape == (num_rows, 300)
+    torch.testing.assert_close(got.double(), _a16_reference(x, qweight, scale), rtol=1e-6, atol=1e-5)
+    dense = x.double() @ (qweight.double() * scale.double()[:, None]).t()
+    assert (got.double() - dense).abs().max() < 1e-3 * dense.abs().max()
+    bf16 = w8a16_mm(x.to(torch.bfloat16), qweight, scale, row_sums)
+    assert bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16.float(), _a16_reference(x.to(torch.bfloat16), qweight, scale).float(),
+                               rtol=1e-2, atol=1e-2)
+
+
+@needs_gemv
+def test_w8a16_linear_and_the_fallback_without_gemv(monkeypatch) -> None:
+    qweight, scale, row_sums = _quantized(64, 128)
+    layer = Linear(128, 64, bias=False)
+    install_int8(layer, qweight, scale, KernelSchedule.parse("w8a16:4,int8_wo"))
+    assert str(layer.quant_method.schedule) == "w8a16:4,int8_wo"
+    x = torch.randn(3, 128).to(torch.bfloat16)
+    torch.testing.assert_close(layer(x).float(), _a16_reference(x, qweight, scale).float(), rtol=1e-2, atol=1e-2)
+    monkeypatch.setattr(gemv, "load_gemv", lambda: None)
+    other = Linear(128, 64, bias=False)
+    install_int8(other, qweight, scale, KernelSchedule.parse("w8a16:4,int8_wo"))
+    assert str(other.quant_method.schedule) == "int8_wo"

@@ -231,7 +231,7 @@ def test_measured_plan_is_valid_quick_and_cached(tmp_path, monkeypatch) -> None:
     assert plan.source == "measured" or plan.source.startswith("default")  # a busy machine
     assert not plan.linear.uses("w8a8")  # decoder linears never take W8A8 by measurement
     for schedule in (plan.linear, plan.lm_head):
-        assert {schedule.kernel_for(m) for m in (1, 64, 10**6)} <= {"dense", "int8_wo", "w8a8"}
+        assert {schedule.kernel_for(m) for m in (1, 64, 10**6)} <= {"dense", "int8_wo", "w8a16", "w8a8"}
     if plan.source == "measured":  # the next start on this CPU reuses it
         monkeypatch.setattr(selection, "measure_schedule", lambda *a, **k: pytest.fail("measured"))
         again = choose_int8_plan(linear, head, torch.bfloat16, cache_path=cache)
@@ -246,8 +246,35 @@ def test_a_measurement_that_overruns_gives_the_default_plan_uncached(tmp_path, m
     monkeypatch.setattr(selection, "_TOTAL_BUDGET_S", -1.0)
     cache = tmp_path / "plans.json"
     plan = choose_int8_plan(_weights(1, 64, 64), _weights(1, 64, 64)[0], torch.bfloat16, cache_path=cache)
-    assert plan.source.startswith("default") and str(plan) == "linear=int8_wo:8,dense;lm_head=w8a8:1,int8_wo:8,w8a8"
+    assert plan.source.startswith("default") and str(plan) == str(selection.default_plan("-"))
     assert not cache.exists()
+
+
+def test_default_plan_follows_the_native_gemv(monkeypatch) -> None:
+    monkeypatch.setattr(selection.gemv, "load_gemv", lambda: None)
+    assert str(selection.default_plan("-")) == "linear=int8_wo:8,dense;lm_head=w8a8:1,int8_wo:8,w8a8"
+    monkeypatch.setattr(selection.gemv, "load_gemv", lambda: object())
+    assert str(selection.default_plan("-")) == "linear=w8a16:2,int8_wo:8,dense;lm_head=w8a8"
+
+
+@pytest.mark.parametrize(("runs", "expected"), [
+    (["linear=int8_wo;lm_head=w8a8"] * 2, "linear=int8_wo;lm_head=w8a8"),
+    (["linear=w8a16:1,int8_wo;lm_head=w8a8", "linear=w8a16:2,int8_wo;lm_head=w8a8",
+      "linear=w8a16:1,int8_wo;lm_head=w8a8"], "linear=w8a16:1,int8_wo;lm_head=w8a8"),
+    (["linear=dense;lm_head=w8a8", "linear=int8_wo;lm_head=w8a8", "linear=w8a16;lm_head=w8a8"],
+     None),
+])
+def test_a_near_tie_takes_a_third_measurement(runs, expected, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    queue = list(runs)
+    monkeypatch.setattr(selection, "_measure_plan", lambda *a: (
+        selection.Int8KernelPlan.parse(queue.pop(0), source="measured"), "timings"))
+    cache = tmp_path / "plans.json"
+    plan = choose_int8_plan(_weights(1, 64, 64), None, torch.bfloat16, cache_path=cache)
+    assert queue == []  # two agreeing runs stop early; a disagreement takes a third
+    if expected is None:
+        assert plan.source.startswith("default") and not cache.exists()
+    else:
+        assert str(plan) == expected and plan.source == "measured" and cache.exists()
 
 
 def test_override_skips_measurement(monkeypatch) -> None:

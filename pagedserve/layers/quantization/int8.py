@@ -5,7 +5,7 @@ A layer is quantized after its checkpoint weights are loaded (the fused-shard lo
 ``layers/linear.py`` are untouched): :func:`quantize_layer_weight` gives symmetric
 per-output-channel int8 weights, and :func:`install_int8` puts them on the layer as
 buffers (``qweight`` int8 [N, K], ``weight_scale`` float32 [N], ``weight_scale_bf16``,
-``weight_sum`` int32 [N] where it runs ``w8a8``)
+``weight_sum`` int32 [N] where it runs ``w8a8``/``w8a16``)
 together with the method that runs it. The unquantized weight stays only where the
 layer's schedule still runs ``dense`` at some row count.
 
@@ -21,12 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.layers.logits import linear_logits
+from pagedserve.layers.quantization import gemv
 from pagedserve.layers.quantization.kernels import (
     KERNEL_DENSE,
     KERNEL_W8A8,
+    KERNEL_W8A16,
     KERNEL_WEIGHT_ONLY,
     KernelSchedule,
     w8a8_mm,
+    w8a16_mm,
     weight_only_mm,
     weight_only_supported,
     weight_row_sums,
@@ -56,12 +59,20 @@ def dequantize(qweight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tenso
 
 
 def _check_schedule(schedule: KernelSchedule, input_size: int, name: str) -> KernelSchedule:
-    """Weight-only int8 needs K to suit torch's kernel; elsewhere that step runs dense."""
-    if weight_only_supported(input_size) or not schedule.uses(KERNEL_WEIGHT_ONLY):
+    """Kernels this layer and CPU cannot run are replaced: ``w8a16`` without the native
+    GEMV by ``int8_wo``; ``int8_wo`` where K does not suit torch's kernel by ``dense``."""
+    replace = {}
+    if gemv.load_gemv() is None:
+        replace[KERNEL_W8A16] = KERNEL_WEIGHT_ONLY
+    if not weight_only_supported(input_size):
+        replace[KERNEL_WEIGHT_ONLY] = KERNEL_DENSE
+        if KERNEL_W8A16 in replace:
+            replace[KERNEL_W8A16] = KERNEL_DENSE
+    if not any(schedule.uses(kernel) for kernel in replace):
         return schedule
     steps: list[tuple[int | None, str]] = []
     for max_m, kernel in schedule.steps:
-        kernel = KERNEL_DENSE if kernel == KERNEL_WEIGHT_ONLY else kernel
+        kernel = replace.get(kernel, kernel)
         if steps and steps[-1][1] == kernel:
             steps[-1] = (max_m, kernel)  # merge runs: int8_wo:8,dense -> dense
         else:
@@ -84,6 +95,8 @@ class Int8LinearMethod:
             return F.linear(x, layer.weight, layer.bias)
         if kernel == KERNEL_WEIGHT_ONLY:
             out = weight_only_mm(x2, layer.qweight, layer.weight_scale_bf16)
+        elif kernel == KERNEL_W8A16:
+            out = w8a16_mm(x2, layer.qweight, layer.weight_scale, layer.weight_sum)
         else:
             out = w8a8_mm(x2, layer.qweight, layer.weight_scale, weight_sum=layer.weight_sum)
             out = out.to(x.dtype)
@@ -152,8 +165,9 @@ def install_int8(
     layer.register_buffer("qweight", qweight, persistent=False)
     layer.register_buffer("weight_scale", weight_scale.float(), persistent=False)
     layer.register_buffer("weight_scale_bf16", weight_scale.to(torch.bfloat16), persistent=False)
-    # Row sums for the native W8A8 GEMV (None where no row count runs w8a8).
-    weight_sum = weight_row_sums(qweight) if schedule.uses(KERNEL_W8A8) else None
+    # Row sums for the native GEMV (None where no row count runs w8a8 or w8a16).
+    needs_sum = schedule.uses(KERNEL_W8A8) or schedule.uses(KERNEL_W8A16)
+    weight_sum = weight_row_sums(qweight) if needs_sum else None
     layer.register_buffer("weight_sum", weight_sum, persistent=False)
     layer.quant_method = Int8LMHeadMethod(schedule) if lm_head else Int8LinearMethod(schedule)
     own_weight = layer._parameters.get("weight")
