@@ -77,8 +77,8 @@ class EngineArgs:
     max_step_latency_ms: float | None = arg_field(
         None, "target time of an engine step that carries decodes, in ms: prefill chunks "
         "are sized from a step-cost model learnt online so decoding streams are not "
-        "stalled (max_num_batched_tokens stays the hard cap). Default: auto, 8x the "
-        "single-decode step (measured at start-up, then tracked) or 2x a step's decodes "
+        "stalled (max_num_batched_tokens stays the hard cap). Default: auto, 7x the "
+        "single-decode step (measured at start-up) or 2x a step's decodes "
         "when longer; 0: off", metavar="MS")
     long_prefill_token_threshold: int | None = arg_field(
         None, "a prefill takes at most this many tokens per step, so other requests run "
