@@ -17,19 +17,25 @@ which flushes denormals process-wide when the library loads.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from pagedserve import envs, platform
 
+logger = logging.getLogger(__name__)
+
 BASE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c++17")
 _BUILD_TIMEOUT_S = 300
+T = TypeVar("T")
 _lock = threading.Lock()
 
 
@@ -107,3 +113,15 @@ def build_library(source: Path, flags: tuple[str, ...] = BASE_FLAGS) -> tuple[Pa
             except (OSError, subprocess.SubprocessError) as exc:
                 raise NativeBuildError(str(exc)) from exc
     return target, Path(compiler).name
+
+
+def load_library(source: Path, binding: Callable[[Path], T], what: str,
+                 flags: tuple[str, ...] = BASE_FLAGS) -> T | None:
+    """``binding(path)`` of the built library, or None (with a warning naming ``what``
+    and the reason) when it cannot be built or loaded: the caller's torch code runs."""
+    try:
+        path, _ = build_library(source, flags)
+        return binding(path)
+    except (OSError, NativeBuildError) as exc:
+        logger.warning("%s unavailable: %s", what, exc)
+        return None

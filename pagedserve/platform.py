@@ -144,18 +144,25 @@ def choose_cpu_dtype() -> tuple[torch.dtype, str]:
 
 
 def _cache_dtype_measurement(path: Path, key: str, speedup: float) -> None:
+    store_measurement(path, key, round(speedup, 3), "the dtype measurement")
+
+
+def store_measurement(path: Path, key: str, value: object, what: str) -> None:
+    """Add ``key: value`` to the JSON file of per-machine measurements at ``path``
+    (written atomically: concurrent starts never read half a file); a failure to write
+    only logs a warning, naming ``what`` was not cached."""
     try:
         entries = json.loads(path.read_text()) if path.exists() else {}
     except (OSError, ValueError):
         entries = {}
-    entries[key] = round(speedup, 3)
+    entries[key] = value
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(entries, indent=1))
         os.replace(tmp, path)
     except OSError as exc:
-        logger.warning("could not cache the dtype measurement in %s: %s", path, exc)
+        logger.warning("could not cache %s in %s: %s", what, path, exc)
 
 
 def available_memory_bytes() -> int:

@@ -12,15 +12,12 @@ never uses it (the parity tests need transformers' exact op sequence).
 from __future__ import annotations
 
 import ctypes
-import logging
-import threading
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from pagedserve import envs, native, platform
-
-logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "rms_norm.cpp"
 _SYMBOL = "pagedserve_rms_norm"
@@ -72,24 +69,9 @@ class RMSNormKernel:
         return out if three_d else out.view(num_tokens, dim)
 
 
-_lock = threading.Lock()
-_loaded: list[RMSNormKernel | None] = []
-
-
+@lru_cache(maxsize=1)
 def load_rms_norm() -> RMSNormKernel | None:
     """The kernel on CPU (built on first call), else None."""
-    with _lock:
-        if not _loaded:
-            _loaded.append(_load())
-        return _loaded[0]
-
-
-def _load() -> RMSNormKernel | None:
     if envs.PAGEDSERVE_NATIVE_NORM is False or platform.device().type != "cpu":
         return None
-    try:
-        path, _ = native.build_library(SOURCE)
-        return RMSNormKernel(path)
-    except (OSError, native.NativeBuildError) as exc:
-        logger.warning("fused RMSNorm kernel unavailable, norms run as torch ops: %s", exc)
-        return None
+    return native.load_library(SOURCE, RMSNormKernel, "fused RMSNorm kernel (norms run as torch ops)")

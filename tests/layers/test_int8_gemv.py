@@ -96,14 +96,16 @@ def test_w8a8_layers_use_the_gemv_up_to_16_rows(monkeypatch) -> None:
 
 
 def test_gemv_is_off_without_vnni_or_when_disabled(monkeypatch) -> None:
-    monkeypatch.setattr(gemv, "_loaded", [])
-    monkeypatch.setenv("PAGEDSERVE_INT8_GEMV", "0")
-    assert envs.PAGEDSERVE_INT8_GEMV is False and gemv.load_gemv() is None
-    monkeypatch.setattr(gemv, "_loaded", [])
-    monkeypatch.delenv("PAGEDSERVE_INT8_GEMV")
-    monkeypatch.setattr(platform, "cpu_flags", lambda: frozenset({"avx512f"}))
-    assert gemv.load_gemv() is None
-    monkeypatch.setattr(gemv, "_loaded", [])
+    gemv.load_gemv.cache_clear()
+    try:
+        monkeypatch.setenv("PAGEDSERVE_INT8_GEMV", "0")
+        assert envs.PAGEDSERVE_INT8_GEMV is False and gemv.load_gemv() is None
+        gemv.load_gemv.cache_clear()
+        monkeypatch.delenv("PAGEDSERVE_INT8_GEMV")
+        monkeypatch.setattr(platform, "cpu_flags", lambda: frozenset({"avx512f"}))
+        assert gemv.load_gemv() is None
+    finally:
+        gemv.load_gemv.cache_clear()
 
 
 def _a16_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

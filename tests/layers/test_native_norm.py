@@ -72,6 +72,9 @@ def test_float32_never_uses_the_kernel(monkeypatch) -> None:
 
 
 def test_kernel_off_by_environment(monkeypatch) -> None:
-    monkeypatch.setattr(native_norm, "_loaded", [])
-    monkeypatch.setenv("PAGEDSERVE_NATIVE_NORM", "0")
-    assert envs.PAGEDSERVE_NATIVE_NORM is False and native_norm.load_rms_norm() is None
+    native_norm.load_rms_norm.cache_clear()
+    try:
+        monkeypatch.setenv("PAGEDSERVE_NATIVE_NORM", "0")
+        assert envs.PAGEDSERVE_NATIVE_NORM is False and native_norm.load_rms_norm() is None
+    finally:
+        native_norm.load_rms_norm.cache_clear()

@@ -13,15 +13,12 @@ multiplies.
 from __future__ import annotations
 
 import ctypes
-import logging
-import threading
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from pagedserve import envs, native, platform
-
-logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "int8_gemv.cpp"
 _SYMBOL = "pagedserve_int8_gemv"
@@ -89,26 +86,11 @@ class Int8Gemv:
         return out
 
 
-_lock = threading.Lock()
-_loaded: list[Int8Gemv | None] = []
-
-
+@lru_cache(maxsize=1)
 def load_gemv() -> Int8Gemv | None:
     """The GEMV on CPUs with AVX512-VNNI (built on first call), else None."""
-    with _lock:
-        if not _loaded:
-            _loaded.append(_load())
-        return _loaded[0]
-
-
-def _load() -> Int8Gemv | None:
     if envs.PAGEDSERVE_INT8_GEMV is False or platform.device().type != "cpu":
         return None
     if not {"avx512_vnni", "avx512bw"} <= platform.cpu_flags():
         return None
-    try:
-        path, _ = native.build_library(SOURCE)
-        return Int8Gemv(path)
-    except (OSError, native.NativeBuildError) as exc:
-        logger.warning("int8 GEMV kernel unavailable, w8a8 uses torch._int_mm: %s", exc)
-        return None
+    return native.load_library(SOURCE, Int8Gemv, "int8 GEMV kernel (w8a8 uses torch._int_mm, no w8a16)")

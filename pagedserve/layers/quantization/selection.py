@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -239,19 +238,11 @@ def _read_cached(path: Path | None, key: str) -> Int8KernelPlan | None:
 def _write_cached(path: Path | None, key: str, plan: Int8KernelPlan, timings: str) -> None:
     if path is None:
         return
-    try:
-        entries = json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, ValueError):
-        entries = {}
-    entries[key] = {"plan": str(plan), "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-                    "timings_ms": timings}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(entries, indent=1))
-        os.replace(tmp, path)
-    except OSError as exc:
-        logger.warning("could not cache the int8 kernel plan in %s: %s", path, exc)
+    from pagedserve import platform
+
+    entry = {"plan": str(plan), "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+             "timings_ms": timings}
+    platform.store_measurement(path, key, entry, "the int8 kernel plan")
 
 
 def choose_int8_plan(
