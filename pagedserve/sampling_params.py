@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json as _json
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
 _SAMPLING_EPS = 1e-5
 
@@ -15,6 +17,53 @@ class RequestOutputKind(IntEnum):
     CUMULATIVE = 0  # every output carries everything generated so far
     DELTA = 1  # every output carries only what is new since the last one
     FINAL_ONLY = 2  # one output when the request finishes
+
+
+_STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on the generated text (vLLM's ``StructuredOutputsParams``): exactly
+    one of ``json`` (a JSON schema, as a dict or its JSON text), ``regex``, ``choice`` (the
+    output is one of these strings), ``grammar`` (Lark, or GBNF/EBNF with ``::=``) or
+    ``json_object=True`` (any JSON object). The engine masks every token that cannot
+    continue a valid output (:mod:`pagedserve.structured_output`)."""
+
+    json: Any = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                "structured_outputs takes exactly one of json, regex, choice, grammar or "
+                f"json_object, got {', '.join(given) or 'none'}"
+            )
+        if self.json is not None:
+            if isinstance(self.json, str):
+                try:
+                    self.json = _json.loads(self.json)
+                except ValueError as exc:
+                    raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from None
+            if not isinstance(self.json, (dict, bool)):
+                raise ValueError("structured_outputs.json must be a JSON schema (an object)")
+        if self.regex is not None and not isinstance(self.regex, str):
+            raise ValueError("structured_outputs.regex must be a string")
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
+            raise ValueError("structured_outputs.grammar must be a non-empty string")
+        if self.choice is not None and (
+            not isinstance(self.choice, list) or not self.choice
+            or not all(isinstance(c, str) and c for c in self.choice)
+        ):
+            raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False))
 
 
 @dataclass
@@ -49,6 +98,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     truncate_prompt_tokens: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None
     # Filled by the engine: EOS and other stop ids from the model's generation config.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -68,6 +118,8 @@ class SamplingParams:
             # Only temperature 0 means greedy. A tiny positive temperature would overflow
             # logits / temperature, so it is raised to _SAMPLING_EPS (still sampling).
             self.temperature = _SAMPLING_EPS
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self._verify()
         self.all_stop_token_ids = set(self.stop_token_ids)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import Any
 
 from pagedserve.core.kv_cache_utils import BlockHash, BlockHasher
 from pagedserve.sampling_params import SamplingParams
@@ -76,6 +77,8 @@ class Request:
         self.num_cached_tokens = -1
         self.num_preemptions = 0
         # Chained hashes of the full blocks of all_token_ids, appended as tokens arrive.
+        # Structured outputs: the request's grammar matcher (set by the engine core).
+        self.structured_output: Any = None
         self.block_hashes: list[BlockHash] = []
         self.block_hasher: BlockHasher | None = None
         if block_hasher is not None:

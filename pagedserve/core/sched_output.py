@@ -9,6 +9,7 @@ updated from ``CachedRequestData`` (plus the tokens it sampled) afterwards.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from pagedserve.sampling_params import SamplingParams
 
@@ -77,6 +78,11 @@ class SchedulerOutput:
     # Requests preempted since the last step: the runner drops their batch row; they
     # come back as NewRequestData.
     preempted_req_ids: set[str] = field(default_factory=set)
+    # Structured outputs: for requests that sample this step under a constraint, row i of
+    # ``grammar_bitmask`` (int32 [n, ceil(vocab / 32)], llguidance's layout) says which
+    # tokens request ``structured_output_request_ids[i]`` may sample.
+    structured_output_request_ids: list[str] = field(default_factory=list)
+    grammar_bitmask: Any = None
 
     @property
     def is_empty(self) -> bool:

@@ -374,6 +374,18 @@ class Scheduler:
                 f"{request_id}: a token was sampled for a partial prefill chunk"
             )
             request.append_output_token_ids(int(token_id))
+            if request.structured_output is not None and not request.structured_output.accept_token(
+                int(token_id)
+            ):
+                logger.warning(
+                    "%s: the sampled token %d breaks its structured-output constraint (%s); "
+                    "finishing it", request_id, token_id, request.structured_output.error,
+                )
+                request.status = RequestStatus.FINISHED_STOPPED
+                stopped.add(id(request))
+                self._free_request(request)
+                outputs.append(request)
+                continue
             if self._check_stop(request):
                 stopped.add(id(request))
                 self._free_request(request)
@@ -387,7 +399,8 @@ class Scheduler:
 
         Stop tokens count only once ``min_tokens`` tokens (including the one just
         sampled) exist; EOS gives stop_reason None, a stop_token_ids hit gives the
-        token id. Then max_tokens and max_model_len cap the length.
+        token id. Then max_tokens and max_model_len cap the length. (A structured-output
+        request whose grammar is complete may sample nothing but EOS next, as in vLLM.)
         """
         sampling_params = request.sampling_params
         if request.num_output_tokens >= sampling_params.min_tokens:

@@ -22,6 +22,7 @@ from pagedserve.engine.messages import (
     EngineCoreRequest,
     SchedulerStats,
 )
+from pagedserve.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,10 @@ class EngineCore:
         )
         self.load_seconds = time.perf_counter() - start
         self._eos_token_ids = set(engine_config.model_config.eos_token_ids)
+        model_config = engine_config.model_config
+        self.structured_output_manager = StructuredOutputManager(
+            model_config.tokenizer_path, model_config.vocab_size, model_config.eos_token_ids
+        )
         # Outputs for requests that ended outside a step (aborts), sent with the next step.
         self._pending_outputs: list[EngineCoreOutput] = []
 
@@ -89,6 +94,24 @@ class EngineCore:
         )
         return budget
 
+    def _add_grammar_bitmask(self, scheduler_output: SchedulerOutput) -> None:
+        """The token bitmask of the constrained requests that sample this step (those
+        whose scheduled tokens reach the end of what they have)."""
+        constrained = []
+        for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
+            request = self.scheduler.get_request(req_id)
+            if (
+                request is not None
+                and request.structured_output is not None
+                and request.num_computed_tokens + num_tokens >= request.num_tokens
+            ):
+                constrained.append((req_id, request.structured_output))
+        if constrained:
+            scheduler_output.structured_output_request_ids = [r for r, _ in constrained]
+            scheduler_output.grammar_bitmask = self.structured_output_manager.grammar_bitmask(
+                [s for _, s in constrained]
+            )
+
     def describe_step_budget(self) -> str:
         """The step-time budget for the banner ("" when off)."""
         budget = self.scheduler.step_budget
@@ -106,6 +129,12 @@ class EngineCore:
             priority=core_request.priority,
             cache_salt=core_request.cache_salt,
         )
+        if params.structured_outputs is not None:
+            # Compiled here, in the engine core (never on the API server's event loop);
+            # an invalid grammar raises ValueError and the request alone is rejected.
+            request.structured_output = self.structured_output_manager.make_request(
+                params.structured_outputs
+            )
         self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: list[str]) -> None:
@@ -147,6 +176,7 @@ class EngineCore:
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return EngineCoreOutputs(outputs, self.make_stats(0), time.time())
+        self._add_grammar_bitmask(scheduler_output)
         try:
             runner_output = self.model_runner.execute_model(scheduler_output)
         except Exception:

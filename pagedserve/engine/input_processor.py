@@ -25,7 +25,7 @@ from typing import Any
 
 from pagedserve.config import ModelConfig, SchedulerConfig
 from pagedserve.engine.messages import EngineCoreRequest
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 # What generate() accepts for one prompt.
 PromptType = str | list[int] | Mapping[str, Any]
@@ -39,6 +39,17 @@ class InvalidRequestError(ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+
+
+def check_structured_outputs(params: StructuredOutputsParams, param: str) -> None:
+    """InvalidRequestError naming ``param`` when the JSON schema, regex or grammar does not
+    compile (checked here, without the model's vocabulary, before the engine sees it)."""
+    from pagedserve.structured_output.grammar import GrammarError, grammar_of
+
+    try:
+        grammar_of(params)
+    except GrammarError as exc:
+        raise InvalidRequestError(f"Invalid {params.kind} constraint in {param}: {exc}", param=param) from None
 
 
 class QueueFullError(RuntimeError):
@@ -178,6 +189,8 @@ class InputProcessor:
                     f"(0..{self.vocab_size - 1})",
                     param="logit_bias",
                 )
+        if params.structured_outputs is not None:
+            check_structured_outputs(params.structured_outputs, "structured_outputs")
         return params
 
     def check_priority(self, priority: Any) -> int:

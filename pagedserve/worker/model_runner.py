@@ -16,6 +16,7 @@ from pagedserve.forward_context import ForwardContext, set_forward_context
 from pagedserve.layers.logits import LogitsBuffer
 from pagedserve.layers.logprobs import compute_logprobs
 from pagedserve.layers.sampler import Sampler
+from pagedserve.structured_output.bitmask import apply_token_bitmask
 from pagedserve.worker.input_batch import InputBatch, StepInputs
 from pagedserve.worker.kv_cache import (
     allocate_kv_caches,
@@ -155,6 +156,8 @@ class ModelRunner:
             logits = model.compute_logits(
                 sample_hidden, out=self.logits_buffer.get(sample_hidden.shape[0])
             )
+            if scheduler_output.grammar_bitmask is not None:
+                self._apply_grammar_bitmask(scheduler_output, step, logits)
             logits_done = time.perf_counter()
             timings["logits"] = logits_done - forward_done
             sampling_metadata = self.input_batch.make_sampling_metadata(step)
@@ -181,6 +184,17 @@ class ModelRunner:
         self._compute_prompt_logprobs(step, hidden_states, output)
         timings["prompt_logprobs"] = time.perf_counter() - prompt_start
         return output
+
+    @staticmethod
+    def _apply_grammar_bitmask(scheduler_output: SchedulerOutput, step: StepInputs,
+                               logits: torch.Tensor) -> None:
+        """Mask the logits rows of the constrained requests (structured outputs)."""
+        row_of = {step.requests[i].req_id: row for row, i in enumerate(step.sample_indices.tolist())}
+        rows = torch.tensor(
+            [row_of[req_id] for req_id in scheduler_output.structured_output_request_ids],
+            dtype=torch.int64, device=logits.device,
+        )
+        apply_token_bitmask(logits, scheduler_output.grammar_bitmask, rows)
 
     # ----------------------------------------------------------- prompt logprobs
     def _compute_prompt_logprobs(

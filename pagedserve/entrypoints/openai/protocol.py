@@ -6,16 +6,21 @@ fields are accepted (``extra="allow"``) and logged by the server, never rejected
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pagedserve.sampling_params import RequestOutputKind, SamplingParams
+from pagedserve.engine.input_processor import InvalidRequestError, check_structured_outputs
+from pagedserve.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 # OpenAI and vLLM clamp logit_bias values to this range.
 _LOGIT_BIAS_LIMIT = 100.0
+
+
+logger = logging.getLogger(__name__)
 
 
 class OpenAIBaseModel(BaseModel):
@@ -61,6 +66,15 @@ class _SamplingFields(OpenAIBaseModel):
     request_id: str | None = None
     return_token_ids: bool | None = False
     cache_salt: str | None = None
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its
+    # older guided_* names (accepted with a deprecation log line).
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
     # pagedserve: a `timings` object (queue/prefill/decode/TTFT ms, cached tokens, tokens/s)
     # in the response or the final streamed chunk; also on for all with --enable-response-timings.
     return_timings: bool | None = False
@@ -95,6 +109,39 @@ class _SamplingFields(OpenAIBaseModel):
             bias[token_id] = min(_LOGIT_BIAS_LIMIT, max(-_LOGIT_BIAS_LIMIT, float(value)))
         return bias
 
+    def _structured_outputs(self) -> StructuredOutputsParams | None:
+        """The request's constraint, from whichever field carries it; InvalidRequestError
+        naming that field when it is malformed or does not compile."""
+        sources: list[tuple[str, dict[str, Any]]] = []
+        if self.response_format is not None:
+            sources.extend(_from_response_format(self.response_format))
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, dict):
+                raise InvalidRequestError("structured_outputs must be an object", param="structured_outputs")
+            sources.append(("structured_outputs", dict(self.structured_outputs)))
+        legacy = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                  "guided_grammar": "grammar"}
+        for name, kind in legacy.items():
+            value = getattr(self, name)
+            if value is not None:
+                logger.warning("%s is deprecated: use structured_outputs={'%s': ...}", name, kind)
+                sources.append((name, {kind: value}))
+        if not sources:
+            return None
+        if len(sources) > 1:
+            names = ", ".join(name for name, _ in sources)
+            raise InvalidRequestError(f"give one structured-output constraint, got {names}",
+                                      param=sources[1][0])
+        param, fields = sources[0]
+        fields.pop("backend", None)
+        fields.pop("disable_any_whitespace", None)
+        try:
+            params = StructuredOutputsParams(**fields)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequestError(f"{param}: {exc}", param=param) from None
+        check_structured_outputs(params, param)
+        return params
+
     def _sampling_params(
         self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
     ) -> SamplingParams:
@@ -124,7 +171,28 @@ class _SamplingFields(OpenAIBaseModel):
             allowed_token_ids=self.allowed_token_ids,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
+            structured_outputs=self._structured_outputs(),
         )
+
+
+def _from_response_format(response_format: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """OpenAI's response_format as structured-output fields ([] for plain text)."""
+    param = "response_format"
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return []
+    if kind == "json_object":
+        return [(param, {"json_object": True})]
+    if kind == "json_schema":
+        json_schema = response_format.get("json_schema")
+        if not isinstance(json_schema, dict) or "schema" not in json_schema:
+            raise InvalidRequestError(
+                "response_format of type json_schema needs json_schema.schema", param=param
+            )
+        return [(param, {"json": json_schema["schema"]})]
+    raise InvalidRequestError(
+        f"response_format.type must be text, json_object or json_schema, got {kind!r}", param=param
+    )
 
 
 PromptInput = list[int] | list[list[int]] | str | list[str]
