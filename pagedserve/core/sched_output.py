@@ -80,7 +80,9 @@ class SchedulerOutput:
     preempted_req_ids: set[str] = field(default_factory=set)
     # Structured outputs: for requests that sample this step under a constraint, row i of
     # ``grammar_bitmask`` (int32 [n, ceil(vocab / 32)], llguidance's layout) says which
-    # tokens request ``structured_output_request_ids[i]`` may sample.
+    # tokens request ``structured_output_request_ids[i]`` may sample. It is a
+    # ``concurrent.futures.Future`` of that tensor (filled while the forward runs) or the
+    # tensor itself.
     structured_output_request_ids: list[str] = field(default_factory=list)
     grammar_bitmask: Any = None
 

@@ -108,8 +108,15 @@ class EngineCore:
                 constrained.append((req_id, request.structured_output))
         if constrained:
             scheduler_output.structured_output_request_ids = [r for r, _ in constrained]
-            scheduler_output.grammar_bitmask = self.structured_output_manager.grammar_bitmask(
-                [s for _, s in constrained]
+            manager = self.structured_output_manager
+            matchers = [s for _, s in constrained]
+            # With a core to spare, filled on a worker thread while the forward runs (the
+            # runner waits for it); with every core running the model, a thread beside
+            # it only stalls the model's threads (measured on 2 cores: 0.75-0.89x vs
+            # 0.82-0.89x of unconstrained throughput), so it is filled here.
+            scheduler_output.grammar_bitmask = (
+                manager.submit_grammar_bitmask(matchers) if manager.overlap_with_forward
+                else manager.grammar_bitmask(matchers)
             )
 
     def describe_step_budget(self) -> str:

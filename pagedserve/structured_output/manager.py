@@ -10,9 +10,11 @@ grammar text) and copied for every request that uses it.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -60,6 +62,9 @@ class StructuredOutputManager:
         self._ll_tokenizer: Any = None
         self._templates: OrderedDict[str, Any] = OrderedDict()
         self._executor: Any = None
+        self._pool: ThreadPoolExecutor | None = None
+        # Fill bitmasks beside the forward only where a core is left over for it.
+        self.overlap_with_forward = (os.cpu_count() or 1) > torch.get_num_threads()
 
     def _tokenizer(self) -> Any:
         with self._lock:
@@ -108,3 +113,11 @@ class StructuredOutputManager:
             self._executor, [(r.matcher, i) for i, r in enumerate(requests)], bitmask
         )
         return bitmask
+
+    def submit_grammar_bitmask(self, requests: list[StructuredOutputRequest]) -> Future[torch.Tensor]:
+        """:meth:`grammar_bitmask` on a worker thread, so it runs while the forward does
+        (llguidance releases the GIL); the model runner waits for it before sampling.
+        Mid-object JSON states cost ~3-4 ms per 16 rows: hidden behind a 40 ms forward."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-bitmask")
+        return self._pool.submit(self.grammar_bitmask, requests)

@@ -190,11 +190,11 @@ class ModelRunner:
                                logits: torch.Tensor) -> None:
         """Mask the logits rows of the constrained requests (structured outputs)."""
         row_of = {step.requests[i].req_id: row for row, i in enumerate(step.sample_indices.tolist())}
-        rows = torch.tensor(
-            [row_of[req_id] for req_id in scheduler_output.structured_output_request_ids],
-            dtype=torch.int64, device=logits.device,
-        )
-        apply_token_bitmask(logits, scheduler_output.grammar_bitmask, rows)
+        rows = [row_of[req_id] for req_id in scheduler_output.structured_output_request_ids]
+        bitmask = scheduler_output.grammar_bitmask
+        if hasattr(bitmask, "result"):  # a Future: filled while the forward ran
+            bitmask = bitmask.result()
+        apply_token_bitmask(logits, bitmask, rows)
 
     # ----------------------------------------------------------- prompt logprobs
     def _compute_prompt_logprobs(

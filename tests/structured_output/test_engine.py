@@ -107,3 +107,15 @@ def test_an_invalid_constraint_is_a_value_error_and_others_still_run(llm: LLM) -
                      use_tqdm=False)
     ok = _texts(llm, ["Answer:"], [SamplingParams(max_tokens=8, structured_outputs=StructuredOutputsParams(choice=["A", "B"]))])
     assert ok[0].text in ("A", "B")
+
+
+def test_bitmask_filled_beside_the_forward_gives_the_same_tokens(llm: LLM, monkeypatch) -> None:
+    manager = llm.llm_engine.engine_core.engine_core.structured_output_manager
+    params = SamplingParams(temperature=0.0, max_tokens=40,
+                            structured_outputs=StructuredOutputsParams(json=PERSON_SCHEMA))
+    prompts = ["Person:", "Another person:"]
+    results = []
+    for overlap in (False, True):
+        monkeypatch.setattr(manager, "overlap_with_forward", overlap)
+        results.append([o.token_ids for o in _texts(llm, prompts, [params] * 2)])
+    assert results[0] == results[1]
