@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from pagedserve.engine.input_processor import InvalidRequestError, check_structured_outputs
+from pagedserve.entrypoints.openai.tool_calls import ForcedToolCall, forced_tool_call
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 _INT64_MIN = -(2**63)
@@ -109,10 +110,17 @@ class _SamplingFields(OpenAIBaseModel):
             bias[token_id] = min(_LOGIT_BIAS_LIMIT, max(-_LOGIT_BIAS_LIMIT, float(value)))
         return bias
 
+    def forced_tool_call(self) -> ForcedToolCall | None:
+        """Chat only: the constraint a forcing ``tool_choice`` asks for."""
+        return None
+
     def _structured_outputs(self) -> StructuredOutputsParams | None:
         """The request's constraint, from whichever field carries it; InvalidRequestError
         naming that field when it is malformed or does not compile."""
         sources: list[tuple[str, dict[str, Any]]] = []
+        forced = self.forced_tool_call()
+        if forced is not None:
+            sources.append(("tool_choice", {"json": forced.schema}))
         if self.response_format is not None:
             sources.extend(_from_response_format(self.response_format))
         if self.structured_outputs is not None:
@@ -233,12 +241,16 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = 0
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = True
     echo: bool = False
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+
+    def forced_tool_call(self) -> ForcedToolCall | None:
+        return forced_tool_call(self.tools, self.tool_choice, self.parallel_tool_calls)
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -24,6 +24,7 @@ from pagedserve.entrypoints.openai.serving_common import (
     sse,
     usage_dict,
 )
+from pagedserve.entrypoints.openai.tool_calls import ForcedToolCall, tool_calls_of
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -195,17 +196,23 @@ class OpenAIServingChat(ServingBase):
         if failure is not None:
             raise failure
         choices = []
+        forced = request.forced_tool_call()
         for completion in final.outputs:
+            content: str | None = echo_text + completion.text
+            finish_reason = completion.finish_reason
+            tool_calls = _forced_calls(forced, completion.text, finish_reason)
+            if tool_calls:
+                content, finish_reason = None, "tool_calls"
             choice: dict[str, Any] = {
                 "index": completion.index,
                 "message": {
                     "role": role,
-                    "content": echo_text + completion.text,
+                    "content": content,
                     "reasoning_content": None,
-                    "tool_calls": [],
+                    "tool_calls": tool_calls or [],
                 },
                 "logprobs": self._choice_logprobs(request, completion),
-                "finish_reason": completion.finish_reason,
+                "finish_reason": finish_reason,
                 "stop_reason": completion.stop_reason,
             }
             if request.return_token_ids:
@@ -263,6 +270,8 @@ class OpenAIServingChat(ServingBase):
                 body["usage"] = usage() if request.continuous_usage_stats else None
             return body
 
+        forced = request.forced_tool_call()
+        held = [""] * n  # forced tool calls: text held back until the call is complete
         try:
             # The first chunk of every choice carries the role (and the echoed text).
             for index in range(n):
@@ -289,12 +298,27 @@ class OpenAIServingChat(ServingBase):
                         and completion.finish_reason is None
                     ):
                         continue
+                    finish_reason = completion.finish_reason
                     delta: dict[str, Any] = {"content": completion.text} if completion.text else {}
+                    if forced is not None:
+                        # A forced call is sent whole once it parses (its arguments in one
+                        # fragment: the same calls as the non-streamed answer).
+                        held[completion.index] += completion.text
+                        if finish_reason is None:
+                            continue
+                        calls = _forced_calls(forced, held[completion.index], finish_reason)
+                        if calls:
+                            delta = {"tool_calls": [
+                                {"index": i, **call} for i, call in enumerate(calls)
+                            ]}
+                            finish_reason = "tool_calls"
+                        else:
+                            delta = {"content": held[completion.index]} if held[completion.index] else {}
                     choice: dict[str, Any] = {
                         "index": completion.index,
                         "delta": delta,
                         "logprobs": self._choice_logprobs(request, completion),
-                        "finish_reason": completion.finish_reason,
+                        "finish_reason": finish_reason,
                     }
                     if completion.finish_reason is not None:
                         choice["stop_reason"] = completion.stop_reason
@@ -318,6 +342,16 @@ class OpenAIServingChat(ServingBase):
             logger.info("chat stream %s failed: %s", request_id, exc)
             yield sse(to_openai_error(exc).body())
         yield SSE_DONE
+
+
+def _forced_calls(
+    forced: ForcedToolCall | None, text: str, finish_reason: str | None
+) -> list[dict[str, Any]] | None:
+    """The tool calls of a forced call that finished; None when not forced, cut by
+    max_tokens (the text is returned as content then) or failed."""
+    if forced is None or finish_reason != "stop":
+        return None
+    return tool_calls_of(text, forced)
 
 
 # A chosen token missing from its logprobs (should not happen) reports this value.
