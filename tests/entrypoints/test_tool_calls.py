@@ -84,3 +84,54 @@ def test_bad_tool_choice_is_400(client, body: dict, message: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="gemma-3-270m", messages=MESSAGES, max_tokens=4, **body)
     assert info.value.body["param"] == "tool_choice" and message in info.value.body["message"]
+
+
+def test_auto_needs_the_parser_flags(client) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="gemma-3-270m", messages=MESSAGES, tools=[WEATHER],
+                                       tool_choice="auto", max_tokens=4)
+    assert info.value.body["param"] == "tool_choice"
+    assert "--enable-auto-tool-choice" in info.value.body["message"]
+
+
+# A hermes-format answer, forced with a regex so this base model writes it (the parser is
+# what is under test: it must find the call in the text, streamed or not).
+HERMES_REGEX = (r'Checking\. <tool_call>\n\{"name": "get_weather", "arguments": '
+                r'\{"city": "(Paris|Rome)", "unit": "celsius"\}\}\n</tool_call>')
+
+
+@pytest.fixture(scope="module")
+def hermes_client():
+    from tests.entrypoints.utils import BASE_ARGS, RemoteServer
+
+    with RemoteServer([*BASE_ARGS, "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]) as server:
+        yield server.openai()
+
+
+def test_auto_tool_choice_parses_hermes_calls_streamed_and_not(hermes_client) -> None:
+    kwargs = {"model": "gemma-3-270m", "messages": MESSAGES, "tools": [WEATHER, TIME],
+              "max_tokens": 60, "temperature": 0, "extra_body": {"structured_outputs": {"regex": HERMES_REGEX}}}
+    response = hermes_client.chat.completions.create(**kwargs)
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Checking. "
+    calls = _calls(choice.message)
+    assert [name for name, _ in calls] == ["get_weather"]
+    jsonschema.validate(calls[0][1], SCHEMAS["get_weather"])
+    content, streamed, finish = "", {}, None
+    for chunk in hermes_client.chat.completions.create(**kwargs, stream=True):
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        finish = chunk.choices[0].finish_reason or finish
+        for call in delta.tool_calls or []:
+            entry = streamed.setdefault(call.index, {"name": "", "arguments": ""})
+            entry["name"] += call.function.name or ""
+            entry["arguments"] += call.function.arguments or ""
+    assert finish == "tool_calls" and content == "Checking. "
+    assert [(e["name"], json.loads(e["arguments"])) for e in streamed.values()] == calls
+    # Plain text stays content.
+    plain = hermes_client.chat.completions.create(model="gemma-3-270m", messages=MESSAGES,
+                                                  tools=[WEATHER], max_tokens=8, temperature=0)
+    assert plain.choices[0].message.tool_calls in (None, []) and plain.choices[0].message.content

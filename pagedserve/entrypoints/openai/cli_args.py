@@ -17,6 +17,7 @@ from typing import Any
 from pagedserve.entrypoints.engine_flags import add_engine_flags
 from pagedserve.entrypoints.observability_args import add_observability_flags
 from pagedserve.entrypoints.openai.server_config import UVICORN_LOG_LEVELS, ServerConfig
+from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
 
 
 class ConfigFileArgumentParser(argparse.ArgumentParser):
@@ -147,5 +148,10 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--disable-uvicorn-access-log", action="store_true")
     server.add_argument("--shutdown-timeout", type=float, default=defaults.shutdown_timeout,
                         help="seconds SIGTERM waits for in-flight requests before exiting")
+    server.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help="tool_choice auto: parse the calls the model writes "
+                             "(needs --tool-call-parser)")
+    server.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                        help="the model family's tool-call format (hermes: Qwen2/Qwen3)")
     add_engine_flags(parser)
     add_observability_flags(parser)

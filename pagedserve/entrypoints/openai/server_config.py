@@ -33,6 +33,10 @@ class ServerConfig:
     disable_uvicorn_access_log: bool = False
     # Seconds SIGTERM waits for in-flight requests before exiting (--shutdown-timeout).
     shutdown_timeout: float = 30.0
+    # tool_choice "auto": read the calls the model wrote with this family's parser
+    # (--enable-auto-tool-choice --tool-call-parser NAME, as vLLM).
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
         if not self.served_model_names or not all(
@@ -50,6 +54,15 @@ class ServerConfig:
             )
         if not self.shutdown_timeout >= 0:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
+        from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
+
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
+            raise ValueError(
+                f"unknown tool_call_parser {self.tool_call_parser!r}; choose from "
+                f"{', '.join(TOOL_PARSERS)}"
+            )
 
     @property
     def model_name(self) -> str:
@@ -73,4 +86,6 @@ class ServerConfig:
             uvicorn_log_level=args.uvicorn_log_level,
             disable_uvicorn_access_log=args.disable_uvicorn_access_log,
             shutdown_timeout=args.shutdown_timeout,
+            enable_auto_tool_choice=args.enable_auto_tool_choice,
+            tool_call_parser=args.tool_call_parser,
         )

@@ -10,7 +10,11 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from pagedserve.engine.input_processor import ProcessedPrompt, check_chat_options
+from pagedserve.engine.input_processor import (
+    InvalidRequestError,
+    ProcessedPrompt,
+    check_chat_options,
+)
 from pagedserve.entrypoints.openai.errors import OpenAIError, to_openai_error
 from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
 from pagedserve.entrypoints.openai.serving_common import (
@@ -25,6 +29,7 @@ from pagedserve.entrypoints.openai.serving_common import (
     usage_dict,
 )
 from pagedserve.entrypoints.openai.tool_calls import ForcedToolCall, tool_calls_of
+from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS, StreamingToolCalls, ToolParser
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -87,10 +92,29 @@ class OpenAIServingChat(ServingBase):
             add_special_tokens = not (bos and text.startswith(bos))
         return ProcessedPrompt(text, self.tokenize(text, add_special_tokens))
 
+    def _auto_tool_parser(self, request: ChatCompletionRequest) -> ToolParser | None:
+        """The parser for a tool_choice "auto" answer (None: not enabled, no tools, or
+        another tool_choice)."""
+        config = self.ctx.server_config
+        if not request.tools or request.tool_choice not in (None, "auto"):
+            return None
+        if not config.enable_auto_tool_choice:
+            return None
+        assert config.tool_call_parser is not None
+        return TOOL_PARSERS[config.tool_call_parser]()
+
+    def _check_tool_choice(self, request: ChatCompletionRequest) -> None:
+        if request.tool_choice == "auto" and not self.ctx.server_config.enable_auto_tool_choice:
+            raise InvalidRequestError(
+                '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
+                "to be set", param="tool_choice",
+            )
+
     async def create_chat_completion(
         self, request: ChatCompletionRequest, raw_request: Request
     ) -> Response:
         self.log_unknown_fields(request)
+        self._check_tool_choice(request)
         model_name = self.check_model(request.model)
         add_special = (
             request.add_special_tokens if "add_special_tokens" in request.model_fields_set else None
@@ -197,12 +221,19 @@ class OpenAIServingChat(ServingBase):
             raise failure
         choices = []
         forced = request.forced_tool_call()
+        parser = self._auto_tool_parser(request)
         for completion in final.outputs:
             content: str | None = echo_text + completion.text
             finish_reason = completion.finish_reason
             tool_calls = _forced_calls(forced, completion.text, finish_reason)
             if tool_calls:
                 content, finish_reason = None, "tool_calls"
+            elif parser is not None:
+                extracted = parser.extract(completion.text)
+                if extracted.calls:
+                    tool_calls = extracted.openai_tool_calls()
+                    content = None if extracted.content is None else echo_text + extracted.content
+                    finish_reason = "tool_calls"
             choice: dict[str, Any] = {
                 "index": completion.index,
                 "message": {
@@ -272,6 +303,8 @@ class OpenAIServingChat(ServingBase):
 
         forced = request.forced_tool_call()
         held = [""] * n  # forced tool calls: text held back until the call is complete
+        parser = self._auto_tool_parser(request)
+        holders = None if parser is None else [StreamingToolCalls(parser) for _ in range(n)]
         try:
             # The first chunk of every choice carries the role (and the echoed text).
             for index in range(n):
@@ -300,7 +333,24 @@ class OpenAIServingChat(ServingBase):
                         continue
                     finish_reason = completion.finish_reason
                     delta: dict[str, Any] = {"content": completion.text} if completion.text else {}
-                    if forced is not None:
+                    if holders is not None:
+                        # tool_choice auto: content flows, a call is held back until the end.
+                        holder = holders[completion.index]
+                        text = holder.feed(completion.text)
+                        delta = {"content": text} if text else {}
+                        if finish_reason is not None:
+                            rest, extracted = holder.finish()
+                            text += rest
+                            delta = {"content": text} if text else {}
+                            if extracted.calls:
+                                delta["tool_calls"] = [
+                                    {"index": i, **call}
+                                    for i, call in enumerate(extracted.openai_tool_calls())
+                                ]
+                                finish_reason = "tool_calls"
+                        elif not delta:
+                            continue
+                    elif forced is not None:
                         # A forced call is sent whole once it parses (its arguments in one
                         # fragment: the same calls as the non-streamed answer).
                         held[completion.index] += completion.text
