@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import openai
@@ -135,3 +136,29 @@ def test_auto_tool_choice_parses_hermes_calls_streamed_and_not(hermes_client) ->
     plain = hermes_client.chat.completions.create(model="gemma-3-270m", messages=MESSAGES,
                                                   tools=[WEATHER], max_tokens=8, temperature=0)
     assert plain.choices[0].message.tool_calls in (None, []) and plain.choices[0].message.content
+
+
+THINKING_REGEX = r"<think>\nThe user asks about Paris\.\n</think>\n\nIt is (sunny|rainy) in Paris\."
+
+
+@pytest.fixture(scope="module")
+def reasoning_client():
+    from tests.entrypoints.utils import BASE_ARGS, RemoteServer
+
+    with RemoteServer([*BASE_ARGS, "--reasoning-parser", "qwen3"]) as server:
+        yield server.openai()
+
+
+def test_qwen3_reasoning_is_split_streamed_and_not(reasoning_client) -> None:
+    kwargs = {"model": "gemma-3-270m", "messages": MESSAGES, "max_tokens": 60, "temperature": 0,
+              "extra_body": {"structured_outputs": {"regex": THINKING_REGEX}}}
+    message = reasoning_client.chat.completions.create(**kwargs).choices[0].message
+    assert message.reasoning_content == "\nThe user asks about Paris.\n"
+    assert re.fullmatch(r"\n\nIt is (sunny|rainy) in Paris\.", message.content)
+    reasoning, content = "", ""
+    for chunk in reasoning_client.chat.completions.create(**kwargs, stream=True):
+        if chunk.choices:
+            delta = chunk.choices[0].delta
+            reasoning += getattr(delta, "reasoning_content", None) or ""
+            content += delta.content or ""
+    assert (reasoning, content) == (message.reasoning_content, message.content)

@@ -16,6 +16,7 @@ from typing import Any
 
 from pagedserve.entrypoints.engine_flags import add_engine_flags
 from pagedserve.entrypoints.observability_args import add_observability_flags
+from pagedserve.entrypoints.openai.reasoning import REASONING_PARSERS
 from pagedserve.entrypoints.openai.server_config import UVICORN_LOG_LEVELS, ServerConfig
 from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
 
@@ -153,5 +154,8 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
                              "(needs --tool-call-parser)")
     server.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
                         help="the model family's tool-call format (hermes: Qwen2/Qwen3)")
+    server.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                        help="split <think> reasoning into reasoning_content (qwen3, "
+                             "deepseek_r1)")
     add_engine_flags(parser)
     add_observability_flags(parser)

@@ -37,6 +37,8 @@ class ServerConfig:
     # (--enable-auto-tool-choice --tool-call-parser NAME, as vLLM).
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
+    # Split <think> reasoning into reasoning_content (--reasoning-parser NAME, as vLLM).
+    reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
         if not self.served_model_names or not all(
@@ -58,6 +60,13 @@ class ServerConfig:
 
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+        from pagedserve.entrypoints.openai.reasoning import REASONING_PARSERS
+
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(
+                f"unknown reasoning_parser {self.reasoning_parser!r}; choose from "
+                f"{', '.join(REASONING_PARSERS)}"
+            )
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
             raise ValueError(
                 f"unknown tool_call_parser {self.tool_call_parser!r}; choose from "
@@ -88,4 +97,5 @@ class ServerConfig:
             shutdown_timeout=args.shutdown_timeout,
             enable_auto_tool_choice=args.enable_auto_tool_choice,
             tool_call_parser=args.tool_call_parser,
+            reasoning_parser=args.reasoning_parser,
         )

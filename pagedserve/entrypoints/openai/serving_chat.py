@@ -17,6 +17,11 @@ from pagedserve.engine.input_processor import (
 )
 from pagedserve.entrypoints.openai.errors import OpenAIError, to_openai_error
 from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
+from pagedserve.entrypoints.openai.reasoning import (
+    REASONING_PARSERS,
+    ReasoningParser,
+    StreamingReasoning,
+)
 from pagedserve.entrypoints.openai.serving_common import (
     SSE_DONE,
     ServingBase,
@@ -102,6 +107,10 @@ class OpenAIServingChat(ServingBase):
             return None
         assert config.tool_call_parser is not None
         return TOOL_PARSERS[config.tool_call_parser]()
+
+    def _reasoning_parser(self) -> ReasoningParser | None:
+        name = self.ctx.server_config.reasoning_parser
+        return None if name is None else REASONING_PARSERS[name]
 
     def _check_tool_choice(self, request: ChatCompletionRequest) -> None:
         if request.tool_choice == "auto" and not self.ctx.server_config.enable_auto_tool_choice:
@@ -222,14 +231,19 @@ class OpenAIServingChat(ServingBase):
         choices = []
         forced = request.forced_tool_call()
         parser = self._auto_tool_parser(request)
+        reasoning_parser = self._reasoning_parser()
         for completion in final.outputs:
-            content: str | None = echo_text + completion.text
+            text, reasoning = completion.text, None
+            if reasoning_parser is not None:
+                reasoning, answer = reasoning_parser.extract(text)
+                text = answer or ""
+            content: str | None = echo_text + text
             finish_reason = completion.finish_reason
-            tool_calls = _forced_calls(forced, completion.text, finish_reason)
+            tool_calls = _forced_calls(forced, text, finish_reason)
             if tool_calls:
                 content, finish_reason = None, "tool_calls"
             elif parser is not None:
-                extracted = parser.extract(completion.text)
+                extracted = parser.extract(text)
                 if extracted.calls:
                     tool_calls = extracted.openai_tool_calls()
                     content = None if extracted.content is None else echo_text + extracted.content
@@ -239,7 +253,7 @@ class OpenAIServingChat(ServingBase):
                 "message": {
                     "role": role,
                     "content": content,
-                    "reasoning_content": None,
+                    "reasoning_content": reasoning,
                     "tool_calls": tool_calls or [],
                 },
                 "logprobs": self._choice_logprobs(request, completion),
@@ -305,6 +319,11 @@ class OpenAIServingChat(ServingBase):
         held = [""] * n  # forced tool calls: text held back until the call is complete
         parser = self._auto_tool_parser(request)
         holders = None if parser is None else [StreamingToolCalls(parser) for _ in range(n)]
+        reasoning_parser = self._reasoning_parser()
+        splitters = (
+            None if reasoning_parser is None
+            else [StreamingReasoning(reasoning_parser) for _ in range(n)]
+        )
         try:
             # The first chunk of every choice carries the role (and the echoed text).
             for index in range(n):
@@ -332,11 +351,19 @@ class OpenAIServingChat(ServingBase):
                     ):
                         continue
                     finish_reason = completion.finish_reason
-                    delta: dict[str, Any] = {"content": completion.text} if completion.text else {}
+                    new_text, reasoning_delta = completion.text, ""
+                    if splitters is not None:
+                        splitter = splitters[completion.index]
+                        reasoning_delta, new_text = splitter.feed(completion.text)
+                        if finish_reason is not None:
+                            more_reasoning, more_text = splitter.finish()
+                            reasoning_delta += more_reasoning
+                            new_text += more_text
+                    delta: dict[str, Any] = {"content": new_text} if new_text else {}
                     if holders is not None:
                         # tool_choice auto: content flows, a call is held back until the end.
                         holder = holders[completion.index]
-                        text = holder.feed(completion.text)
+                        text = holder.feed(new_text)
                         delta = {"content": text} if text else {}
                         if finish_reason is not None:
                             rest, extracted = holder.finish()
@@ -348,22 +375,32 @@ class OpenAIServingChat(ServingBase):
                                     for i, call in enumerate(extracted.openai_tool_calls())
                                 ]
                                 finish_reason = "tool_calls"
-                        elif not delta:
+                        elif not delta and not reasoning_delta:
                             continue
                     elif forced is not None:
                         # A forced call is sent whole once it parses (its arguments in one
                         # fragment: the same calls as the non-streamed answer).
-                        held[completion.index] += completion.text
+                        held[completion.index] += new_text
+                        calls = None
                         if finish_reason is None:
-                            continue
-                        calls = _forced_calls(forced, held[completion.index], finish_reason)
-                        if calls:
+                            if not reasoning_delta:
+                                continue
+                            delta = {}
+                        else:
+                            calls = _forced_calls(forced, held[completion.index], finish_reason)
+                        if finish_reason is None:
+                            pass
+                        elif calls:
                             delta = {"tool_calls": [
                                 {"index": i, **call} for i, call in enumerate(calls)
                             ]}
                             finish_reason = "tool_calls"
                         else:
                             delta = {"content": held[completion.index]} if held[completion.index] else {}
+                    if reasoning_delta:
+                        delta["reasoning_content"] = reasoning_delta
+                    if not delta and finish_reason is None and not completion.token_ids:
+                        continue
                     choice: dict[str, Any] = {
                         "index": completion.index,
                         "delta": delta,
