@@ -119,3 +119,20 @@ def test_bitmask_filled_beside_the_forward_gives_the_same_tokens(llm: LLM, monke
         monkeypatch.setattr(manager, "overlap_with_forward", overlap)
         results.append([o.token_ids for o in _texts(llm, prompts, [params] * 2)])
     assert results[0] == results[1]
+
+
+def test_the_engine_core_rejects_a_bad_grammar_alone(llm: LLM) -> None:
+    """Past the API's check (or without it), the core's own compile refuses the request
+    with a ValueError (the multiprocess loop reports it as that request's error) and
+    serves the next one."""
+    from pagedserve.engine.messages import EngineCoreRequest
+
+    core = llm.llm_engine.engine_core.engine_core
+    params = SamplingParams(max_tokens=4)
+    params.structured_outputs = StructuredOutputsParams(regex="[a-")  # skips SamplingParams checks
+    request = EngineCoreRequest("bad-grammar", [2, 651], params, 0.0)
+    with pytest.raises(ValueError, match="unclosed"):
+        core.add_request(request)
+    assert core.scheduler.get_request("bad-grammar") is None
+    ok = _texts(llm, ["Answer:"], [SamplingParams(max_tokens=8, structured_outputs=StructuredOutputsParams(choice=["A", "B"]))])
+    assert ok[0].text in ("A", "B")
