@@ -138,13 +138,9 @@ def choose_cpu_dtype() -> tuple[torch.dtype, str]:
     except (OSError, ValueError, KeyError, TypeError):
         speedup = _measure_bf16_speedup()
         source = "measured"
-        _cache_dtype_measurement(path, key, speedup)
+        store_measurement(path, key, round(speedup, 3), "the dtype measurement")
     dtype = torch.bfloat16 if speedup >= BF16_MIN_SPEEDUP else torch.float32
     return dtype, f"{cpu_isa()}: bf16 matmuls {speedup:.1f}x float32's ({source})"
-
-
-def _cache_dtype_measurement(path: Path, key: str, speedup: float) -> None:
-    store_measurement(path, key, round(speedup, 3), "the dtype measurement")
 
 
 def store_measurement(path: Path, key: str, value: object, what: str) -> None:

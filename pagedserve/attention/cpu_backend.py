@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from pagedserve import platform
 from pagedserve.attention.cpu_kernels import PagedAttentionKernel
 from pagedserve.attention.metadata import CommonAttentionMetadata
-from pagedserve.attention.torch_backend import write_kv_cache
+from pagedserve.attention.torch_backend import softcap_attention, write_kv_cache
 
 # With AMX, chunks longer than this go through SDPA (AMX matmul tiles); without, through
 # the kernel too.
@@ -193,11 +193,7 @@ def _attend(
     if mask is None:  # causal square
         length = key.shape[2]
         mask = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
-    scores = torch.tanh(scores / logit_softcap) * logit_softcap
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
-    return torch.matmul(probs, value)
+    return softcap_attention(query, key, value, mask, scale, logit_softcap)
 
 
 def _tile_keys(

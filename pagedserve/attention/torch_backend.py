@@ -290,6 +290,19 @@ def _attend(
 ) -> torch.Tensor:
     if logit_softcap is None:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+    return softcap_attention(query, key, value, mask, scale, logit_softcap)
+
+
+def softcap_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    logit_softcap: float,
+) -> torch.Tensor:
+    """Attention with tanh-capped scores (Gemma 2 style), which SDPA cannot do; ``mask``
+    is bool (True = attend), broadcasting over the scores."""
     scores = torch.matmul(query, key.transpose(-1, -2)) * scale
     scores = torch.tanh(scores / logit_softcap) * logit_softcap
     scores = scores.masked_fill(~mask, float("-inf"))

@@ -56,6 +56,8 @@ class EngineCore:
         self.load_seconds = time.perf_counter() - start
         self._eos_token_ids = set(engine_config.model_config.eos_token_ids)
         model_config = engine_config.model_config
+        # Requests with a structured-output constraint (pruned as they finish).
+        self._constrained_req_ids: set[str] = set()
         self.structured_output_manager = StructuredOutputManager(
             model_config.tokenizer_path, model_config.vocab_size, model_config.eos_token_ids
         )
@@ -97,13 +99,17 @@ class EngineCore:
     def _add_grammar_bitmask(self, scheduler_output: SchedulerOutput) -> None:
         """The token bitmask of the constrained requests that sample this step (those
         whose scheduled tokens reach the end of what they have)."""
+        if not self._constrained_req_ids:
+            return  # nothing constrained: no per-request work on the step's path
         constrained = []
-        for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
+        for req_id in list(self._constrained_req_ids):
             request = self.scheduler.get_request(req_id)
-            if (
-                request is not None
-                and request.structured_output is not None
-                and request.num_computed_tokens + num_tokens >= request.num_tokens
+            if request is None or request.structured_output is None:  # finished or aborted
+                self._constrained_req_ids.discard(req_id)
+                continue
+            num_tokens = scheduler_output.num_scheduled_tokens.get(req_id)
+            if num_tokens is not None and (
+                request.num_computed_tokens + num_tokens >= request.num_tokens
             ):
                 constrained.append((req_id, request.structured_output))
         if constrained:
@@ -143,6 +149,8 @@ class EngineCore:
                 params.structured_outputs
             )
         self.scheduler.add_request(request)
+        if request.structured_output is not None:
+            self._constrained_req_ids.add(request.request_id)
 
     def abort_requests(self, request_ids: list[str]) -> None:
         """Abort at any time; the requests' blocks return to the pool at once."""

@@ -42,11 +42,6 @@ class StructuredOutputRequest:
         return not self.matcher.is_error()
 
     @property
-    def is_terminated(self) -> bool:
-        """The grammar is complete and allows nothing more."""
-        return bool(self.matcher.is_stopped())
-
-    @property
     def error(self) -> str:
         return str(self.matcher.get_error())
 

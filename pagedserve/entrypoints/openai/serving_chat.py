@@ -381,22 +381,17 @@ class OpenAIServingChat(ServingBase):
                         # A forced call is sent whole once it parses (its arguments in one
                         # fragment: the same calls as the non-streamed answer).
                         held[completion.index] += new_text
-                        calls = None
+                        delta = {}
                         if finish_reason is None:
                             if not reasoning_delta:
                                 continue
-                            delta = {}
-                        else:
-                            calls = _forced_calls(forced, held[completion.index], finish_reason)
-                        if finish_reason is None:
-                            pass
-                        elif calls:
+                        elif calls := _forced_calls(forced, held[completion.index], finish_reason):
                             delta = {"tool_calls": [
                                 {"index": i, **call} for i, call in enumerate(calls)
                             ]}
                             finish_reason = "tool_calls"
-                        else:
-                            delta = {"content": held[completion.index]} if held[completion.index] else {}
+                        elif held[completion.index]:
+                            delta = {"content": held[completion.index]}
                     if reasoning_delta:
                         delta["reasoning_content"] = reasoning_delta
                     if not delta and finish_reason is None and not completion.token_ids:
